@@ -1,0 +1,33 @@
+"""The worker's entry module: ``dramatiq jobflow.actors your.jobs``.
+
+Importing it builds the broker from the environment (``JOBFLOW_BROKER_URL``, RabbitMQ on
+localhost when unset) and sets it as Dramatiq's global broker *before* any actor exists, then
+declares the run-job and command-bus actors. The modules named after it register the job and
+command types.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+
+from .brokers import create_broker, redact_url
+from .log_config import configure_logging
+from .settings import Settings
+from .worker import declare_actors
+
+settings = Settings()
+configure_logging(settings.log_format, settings.log_level)
+broker = create_broker(settings)
+dramatiq.set_broker(broker)
+_actors = declare_actors(broker, settings=settings)
+
+run_job = _actors.run_job
+dispatch_command = _actors.dispatch_command
+
+__all__ = ["broker", "dispatch_command", "run_job"]
+
+import structlog  # noqa: E402  (logged after the broker exists, with the password masked)
+
+structlog.get_logger("jobflow").info(
+    "worker.configured", broker=redact_url(settings.broker_url), queue_prefix=settings.queue_prefix
+)

@@ -1,0 +1,104 @@
+"""Building the Dramatiq broker a URL names: the in-memory one, or RabbitMQ with confirms.
+
+All pika connection tuning lives here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import dramatiq
+import pika
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, default_middleware
+
+from .due_time import DueTime
+from .errors import ConfigurationError
+from .settings import Settings
+
+#: Retry backoff of the foundation: the retry-policy issue replaces it with per-type policies.
+MIN_BACKOFF_MS = 1_000
+MAX_BACKOFF_MS = 3_600_000
+MAX_RETRIES = 9
+
+# Connection tuning that keeps a worker healthy, unless the URL sets it.
+_CONNECTION_DEFAULTS: dict[str, Any] = {
+    "heartbeat": 30,
+    "connection_attempts": 5,
+    "retry_delay": 2.0,
+    "blocked_connection_timeout": 60.0,
+    "socket_timeout": 10.0,
+}
+
+_memory_brokers: dict[str, StubBroker] = {}
+_memory_lock = threading.Lock()
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked: the only form of a URL jobflow logs or prints."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username is not None else f":***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _middleware() -> list[Middleware]:
+    stack: list[Middleware] = []
+    for m in default_middleware:
+        if m is Retries:
+            stack.append(Retries(max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS))
+        else:
+            stack.append(m())
+    return [*stack, AsyncIO(), CurrentMessage(), DueTime()]
+
+
+class JobflowRabbitmqBroker(RabbitmqBroker):
+    """RabbitMQ with publisher confirms always on and connection parameters that survive trouble."""
+
+    def __init__(self, url: str, *, settings: Settings) -> None:
+        params = pika.URLParameters(url)
+        given = parse_qs(urlsplit(url).query)
+        for key, value in _CONNECTION_DEFAULTS.items():
+            if key not in given:
+                setattr(params, key, value)
+        super().__init__(confirm_delivery=True, parameters=None, middleware=_middleware())
+        self.parameters = params
+        self.url = url
+        self.settings = settings
+
+    def __repr__(self) -> str:
+        return f"JobflowRabbitmqBroker({redact_url(self.url)!r})"
+
+
+def memory_broker(url: str = "memory://") -> StubBroker:
+    """The process-wide in-memory broker for this URL: schedulers and in-process workers share it.
+
+    Like Hangfire's in-memory storage, it is for development, tests and the demo; its messages
+    die with the process.
+    """
+    with _memory_lock:
+        broker = _memory_brokers.get(url)
+        if broker is None:
+            broker = _memory_brokers[url] = StubBroker(middleware=_middleware())
+        return broker
+
+
+def create_broker(settings: Settings | None = None) -> dramatiq.Broker:
+    """The broker ``settings.broker_url`` names (``JOBFLOW_BROKER_URL`` by default)."""
+    settings = settings or Settings()
+    url = settings.broker_url
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        return memory_broker(url)
+    if scheme in ("amqp", "amqps"):
+        return JobflowRabbitmqBroker(url, settings=settings)
+    raise ConfigurationError(
+        f"unsupported broker URL {redact_url(url)!r}: use memory://, amqp:// or amqps://"
+    )

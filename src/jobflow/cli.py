@@ -1,0 +1,29 @@
+"""The ``jobflow`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="jobflow")
+def main() -> None:
+    """jobflow: EventFlow's Jobs on Dramatiq and RabbitMQ."""
+
+
+@main.command()
+@click.option("--broker", "broker_url", default="memory://", show_default=True, help="memory:// or amqp://...")
+@click.option("-m", "--module", default="actors", show_default=True, help="The example application's module.")
+def demo(broker_url: str, module: str) -> None:
+    """Run EventFlow's examples end to end with an in-process worker."""
+    from .demo import run_demo
+    from .errors import JobflowError
+
+    try:
+        ok = run_demo(broker_url, module=module)
+    except JobflowError as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(0 if ok else 1)
+

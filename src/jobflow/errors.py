@@ -1,0 +1,66 @@
+"""The exceptions jobflow raises.
+
+Every real error derives from :class:`JobflowError`, which carries the job's (or command's)
+name, version and id where they are known::
+
+    JobflowError
+     +-- ConfigurationError        a setting or argument that cannot work (bad URL, bad option)
+     +-- RegistrationError         a second class or handler claims a taken (name, version)
+     +-- SchedulingError           misuse of a scheduler (delay and run_at together, naive datetime)
+     +-- UnknownJobError           no job type is registered under (name, version)
+     +-- UnknownCommandError       no command type or handler is registered under (name, version)
+     +-- InvalidPayloadError       a message whose data the registered type rejects, or not an envelope
+     +-- TransientError            raise it from a job: always retried
+     +-- PermanentError            raise it from a job: never retried, dead-lettered at once
+"""
+
+from __future__ import annotations
+
+
+class JobflowError(Exception):
+    """Base of every jobflow error; carries the job's identity where it is known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.version = version
+        self.job_id = job_id
+
+
+class ConfigurationError(JobflowError, ValueError):
+    """A setting or argument that cannot work."""
+
+
+class RegistrationError(JobflowError):
+    """A second job class, command class or handler claims what another already holds."""
+
+
+class SchedulingError(JobflowError, ValueError):
+    """A scheduler was called with arguments that cannot be honoured."""
+
+
+class UnknownJobError(JobflowError, LookupError):
+    """No job type is registered under the requested (name, version)."""
+
+
+class UnknownCommandError(JobflowError, LookupError):
+    """No command type, or no handler, is registered under the requested (name, version)."""
+
+
+class InvalidPayloadError(JobflowError, ValueError):
+    """A message that is not a jobflow envelope, or whose data the registered type rejects."""
+
+
+class TransientError(JobflowError):
+    """Raised by a job to say: this may work later, retry it."""
+
+
+class PermanentError(JobflowError):
+    """Raised by a job to say: this will never work, do not retry it."""

@@ -1,0 +1,194 @@
+"""Running one job or one command: validate, bind the log context, execute, log the outcome.
+
+The worker's actors and InstantJobScheduler share this path, so a job behaves the same in
+development and in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from time import perf_counter
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+from structlog.contextvars import bound_contextvars
+
+from .command import Command
+from .context import CommandBus, CommandContext, JobContext
+from .envelope import CommandEnvelope, JobEnvelope
+from .errors import InvalidPayloadError, JobflowError, SchedulingError
+from .job import Job
+from .registry import JobRegistry
+
+logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+
+CoroutineRunner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+def run_coroutine_here(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run an async job from synchronous code that owns no event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise SchedulingError(
+        "an async job cannot run synchronously inside a running event loop: use `await schedule_async(...)`"
+    )
+
+
+@contextmanager
+def _observed(kind: str, fields: Mapping[str, Any], **started: Any) -> Iterator[structlog.typing.FilteringBoundLogger]:
+    """Bind the fields for everything logged inside, and log started / succeeded / failed once each."""
+    log = logger.bind(**fields)
+    with bound_contextvars(**fields):
+        log.info(f"{kind}.started", **started)
+        t0 = perf_counter()
+        try:
+            yield log
+        except BaseException as exc:
+            log.error(
+                f"{kind}.failed",
+                duration_ms=round((perf_counter() - t0) * 1000, 3),
+                error_type=type(exc).__name__,
+                error=str(exc),
+                exc_info=True,
+            )
+            raise
+        log.info(f"{kind}.succeeded", duration_ms=round((perf_counter() - t0) * 1000, 3))
+
+
+def _validated(cls: type[Job] | type[Command], envelope: JobEnvelope | CommandEnvelope, ident: str) -> Any:
+    try:
+        return cls.from_data(envelope.data)
+    except ValidationError as exc:
+        raise InvalidPayloadError(
+            f"data rejected by {cls.__qualname__} ({envelope.name!r}, {envelope.version}): {exc}",
+            name=envelope.name,
+            version=envelope.version,
+            job_id=ident,
+        ) from exc
+
+
+class JobRunner:
+    """Executes jobs and commands of one registry, with the given command bus and services."""
+
+    def __init__(self, registry: JobRegistry, command_bus: CommandBus) -> None:
+        self.registry = registry
+        self.command_bus = command_bus
+
+    def _job_fields(self, envelope: JobEnvelope, attempt: int, queue: str) -> dict[str, Any]:
+        return {
+            "job_id": envelope.job_id,
+            "job_name": envelope.name,
+            "job_version": envelope.version,
+            "attempt": attempt,
+            "queue": queue,
+        }
+
+    def _prepare_job(
+        self, envelope: JobEnvelope, attempt: int, queue: str, log: structlog.typing.FilteringBoundLogger
+    ) -> tuple[Job, JobContext]:
+        try:
+            cls = self.registry.get(envelope.name, envelope.version)
+        except JobflowError as exc:
+            exc.job_id = envelope.job_id
+            raise
+        job: Job = _validated(cls, envelope, envelope.job_id)
+        ctx = JobContext(
+            job_id=envelope.job_id,
+            job_name=envelope.name,
+            job_version=envelope.version,
+            attempt=attempt,
+            due_at=envelope.due_at,
+            queue=queue,
+            log=log,
+            command_bus=self.command_bus,
+            services=self.registry.services,
+        )
+        return job, ctx
+
+    def run_job(
+        self,
+        envelope: JobEnvelope,
+        *,
+        attempt: int,
+        queue: str,
+        run_coroutine: CoroutineRunner,
+        due_at: datetime | None = None,
+    ) -> None:
+        """``due_at``, when the message carries one, overrides the envelope's: a retry is due when its backoff ends."""
+        lateness = _lateness_ms(due_at or envelope.due_at)
+        with _observed("job", self._job_fields(envelope, attempt, queue), lateness_ms=lateness) as log:
+            job, ctx = self._prepare_job(envelope, attempt, queue, log)
+            result = job.execute(ctx)
+            if inspect.isawaitable(result):
+                run_coroutine(_awaited(result))
+
+    async def run_job_async(self, envelope: JobEnvelope, *, attempt: int, queue: str) -> None:
+        with _observed(
+            "job", self._job_fields(envelope, attempt, queue), lateness_ms=_lateness_ms(envelope.due_at)
+        ) as log:
+            job, ctx = self._prepare_job(envelope, attempt, queue, log)
+            result = job.execute(ctx)
+            if inspect.isawaitable(result):
+                await result
+
+    def _command_fields(self, envelope: CommandEnvelope, attempt: int, queue: str) -> dict[str, Any]:
+        return {
+            "command_id": envelope.command_id,
+            "command_name": envelope.name,
+            "command_version": envelope.version,
+            "job_id": envelope.job_id,
+            "attempt": attempt,
+            "queue": queue,
+        }
+
+    def _prepare_command(
+        self, envelope: CommandEnvelope, attempt: int, queue: str, log: structlog.typing.FilteringBoundLogger
+    ) -> tuple[Any, Callable[..., Any], CommandContext]:
+        cls = self.registry.get_command(envelope.name, envelope.version)
+        handler = self.registry.handler_for(envelope.name, envelope.version)
+        command = _validated(cls, envelope, envelope.command_id)
+        ctx = CommandContext(
+            command_id=envelope.command_id,
+            command_name=envelope.name,
+            command_version=envelope.version,
+            attempt=attempt,
+            queue=queue,
+            job_id=envelope.job_id,
+            log=log,
+            services=self.registry.services,
+        )
+        return command, handler, ctx
+
+    def dispatch_command(
+        self, envelope: CommandEnvelope, *, attempt: int, queue: str, run_coroutine: CoroutineRunner
+    ) -> Any:
+        with _observed("command", self._command_fields(envelope, attempt, queue)) as log:
+            command, handler, ctx = self._prepare_command(envelope, attempt, queue, log)
+            result = handler(command, ctx)
+            if inspect.isawaitable(result):
+                result = run_coroutine(_awaited(result))
+            return result
+
+    async def dispatch_command_async(self, envelope: CommandEnvelope, *, attempt: int, queue: str) -> Any:
+        with _observed("command", self._command_fields(envelope, attempt, queue)) as log:
+            command, handler, ctx = self._prepare_command(envelope, attempt, queue, log)
+            result = handler(command, ctx)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _lateness_ms(due_at: datetime) -> float:
+    return round((datetime.now(UTC) - due_at).total_seconds() * 1000, 3)

@@ -1,0 +1,35 @@
+"""Jobs: what a scheduler runs."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, ClassVar
+
+from .versioned import VersionedModel
+
+if TYPE_CHECKING:
+    from .context import JobContext
+
+
+class Job(VersionedModel, abstract=True):
+    """A unit of work: pydantic fields for its data, ``execute(ctx)`` (``def`` or ``async def``).
+
+    ``class LogMessageJob(Job, name="LogMessage", version=1)``; without them, the class name and 1.
+    ``registry=`` joins another registry than ``default_registry``; ``abstract=True`` registers
+    nothing (for shared base classes).
+    """
+
+    job_name: ClassVar[str]
+    job_version: ClassVar[int]
+
+    @classmethod
+    def _set_identity(cls, name: str, version: int) -> None:
+        cls.job_name = name
+        cls.job_version = version
+
+    @classmethod
+    def _register(cls) -> None:
+        cls.registry.register_job(cls)
+
+    def execute(self, ctx: JobContext) -> None | Awaitable[None]:
+        raise NotImplementedError(f"{type(self).__qualname__} must define execute(self, ctx)")

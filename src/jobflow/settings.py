@@ -1,0 +1,24 @@
+"""Settings: every one has a ``JOBFLOW_*`` environment variable and a keyword argument."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .names import DEFAULT_QUEUE_PREFIX
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
+
+
+class Settings(BaseSettings):
+    """jobflow's configuration, read from ``JOBFLOW_*`` variables unless given as arguments."""
+
+    model_config = SettingsConfigDict(env_prefix="JOBFLOW_", frozen=True, extra="forbid")
+
+    broker_url: str = Field(default=DEFAULT_BROKER_URL, description="memory://, amqp:// or amqps://")
+    queue_prefix: str = Field(default=DEFAULT_QUEUE_PREFIX, pattern=r"^[A-Za-z0-9_.-]+$")
+    queue_type: Literal["classic", "quorum"] = "classic"
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,0 +1,62 @@
+"""A middleware that records each message's outcome, so a caller can wait until work is done."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+
+@dataclass(frozen=True)
+class Outcome:
+    message_id: str
+    actor_name: str
+    args: tuple[Any, ...]
+    error: str | None
+    at: float
+
+
+class OutcomeTracker(Middleware):
+    """Remembers every processed message; ``wait_for`` blocks until a condition over them holds."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self._changed = threading.Condition()
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: dramatiq.Message[Any],
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        outcome = Outcome(
+            message_id=message.message_id,
+            actor_name=message.actor_name,
+            args=tuple(message.args),
+            error=None if exception is None else f"{type(exception).__name__}: {exception}",
+            at=time.time(),
+        )
+        with self._changed:
+            self.outcomes.append(outcome)
+            self._changed.notify_all()
+
+    def succeeded(self, actor_name: str | None = None) -> list[Outcome]:
+        with self._changed:
+            return [o for o in self.outcomes if o.error is None and actor_name in (None, o.actor_name)]
+
+    def wait_for(self, done: Any, timeout: float) -> bool:
+        """Wait until ``done(tracker)`` is true; False when ``timeout`` seconds passed first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not done(self):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(min(remaining, 0.1))
+            return True

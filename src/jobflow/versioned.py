@@ -1,0 +1,67 @@
+"""The base shared by jobs and commands: a frozen pydantic model with a stable (name, version)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import ConfigurationError
+from .registry import JobRegistry, default_registry
+
+
+class VersionedModel(BaseModel):
+    """A frozen model that registers itself under ``(name, version)`` when its class is defined.
+
+    The pair, not the import path, is what crosses the wire, so a class can be renamed or moved
+    without stranding messages already waiting in the broker.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    _kind: ClassVar[str] = "model"
+    registry: ClassVar[JobRegistry]
+
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        registry: JobRegistry | None = None,
+        abstract: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # Consumed here so that object.__init_subclass__ never sees them; registration waits for
+        # __pydantic_init_subclass__, when the model is complete.
+        super().__init_subclass__(**kwargs)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigurationError(f"{cls.__qualname__}: name must be a non-empty string, got {name!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigurationError(f"{cls.__qualname__}: version must be an int >= 1, got {version!r}")
+        cls._set_identity(name or cls.__name__, version)
+        cls.registry = registry or default_registry
+        cls.__jobflow_abstract__ = abstract
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if not cls.__dict__.get("__jobflow_abstract__", False):
+            cls._register()
+
+    @classmethod
+    def _set_identity(cls, name: str, version: int) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _register(cls) -> None:
+        raise NotImplementedError
+
+    def to_data(self) -> dict[str, Any]:
+        """The JSON-ready data that crosses the wire."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_data(cls, data: Any) -> Self:
+        """Validate wire data in JSON mode, so strict models accept what they serialized."""
+        return cls.model_validate_json(json.dumps(data))

@@ -1,0 +1,139 @@
+"""The two actors a worker runs, and an in-process worker for development, tests and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import dramatiq
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import CurrentMessage
+
+from .due_time import current_due_at
+from .envelope import CommandEnvelope, JobEnvelope
+from .errors import ConfigurationError
+from .execution import JobRunner
+from .names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
+from .registry import JobRegistry, default_registry
+from .settings import Settings
+
+
+def _attempt() -> int:
+    message = CurrentMessage.get_current_message()
+    return 1 + int(message.options.get("retries", 0)) if message is not None else 1
+
+
+def _run_on_worker_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Async jobs run on the AsyncIO middleware's event-loop thread; outside a worker, on a new loop."""
+    loop_thread = get_event_loop_thread()
+    if loop_thread is None:
+        return asyncio.run(coro)
+    return loop_thread.run_coroutine(coro)
+
+
+class BrokerCommandBus:
+    """Sends each command to the command-bus actor's queue, confirmed by the broker."""
+
+    def __init__(self, broker: dramatiq.Broker, queue_name: str) -> None:
+        self.broker = broker
+        self.queue_name = queue_name
+        broker.declare_queue(queue_name)
+
+    def publish(self, envelope: CommandEnvelope) -> None:
+        self.broker.enqueue(
+            dramatiq.Message(
+                queue_name=self.queue_name,
+                actor_name=DISPATCH_COMMAND_ACTOR,
+                args=(envelope.to_wire(),),
+                kwargs={},
+                options={},
+                message_id=envelope.command_id,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Actors:
+    """The run-job and command-bus actors declared on one broker."""
+
+    run_job: dramatiq.Actor[[dict[str, Any]], None]
+    dispatch_command: dramatiq.Actor[[dict[str, Any]], None]
+    runner: JobRunner
+    queue_prefix: str
+
+
+def declare_actors(
+    broker: dramatiq.Broker, *, registry: JobRegistry | None = None, settings: Settings | None = None
+) -> Actors:
+    """Declare jobflow's actors on ``broker`` once; later calls return the same actors."""
+    prefix = (settings or Settings()).queue_prefix
+    existing: Actors | None = getattr(broker, "_jobflow_actors", None)
+    if existing is not None:
+        if existing.queue_prefix != prefix or (registry is not None and registry is not existing.runner.registry):
+            raise ConfigurationError(
+                f"jobflow's actors are already declared on this broker with queue prefix {existing.queue_prefix!r}"
+                " and another registry or prefix; use one broker per application"
+            )
+        return existing
+
+    jobs_q, commands_q = jobs_queue(prefix), commands_queue(prefix)
+    runner = JobRunner(registry or default_registry, BrokerCommandBus(broker, commands_q))
+
+    def run_job(envelope: dict[str, Any]) -> None:
+        runner.run_job(
+            JobEnvelope.parse(envelope),
+            attempt=_attempt(),
+            queue=jobs_q,
+            run_coroutine=_run_on_worker_loop,
+            due_at=current_due_at(),
+        )
+
+    def dispatch_command(envelope: dict[str, Any]) -> None:
+        runner.dispatch_command(
+            CommandEnvelope.parse(envelope), attempt=_attempt(), queue=commands_q, run_coroutine=_run_on_worker_loop
+        )
+
+    actors = Actors(
+        run_job=dramatiq.Actor(run_job, broker=broker, actor_name=RUN_JOB_ACTOR, queue_name=jobs_q, priority=0, options={}),
+        dispatch_command=dramatiq.Actor(
+            dispatch_command, broker=broker, actor_name=DISPATCH_COMMAND_ACTOR, queue_name=commands_q, priority=0, options={}
+        ),
+        runner=runner,
+        queue_prefix=prefix,
+    )
+    broker._jobflow_actors = actors  # type: ignore[attr-defined]  # one set per broker, found again by later calls
+    return actors
+
+
+class InProcessWorker:
+    """A Dramatiq worker inside this process, for the in-memory broker (or a quick local run).
+
+    Production workers are ``dramatiq jobflow.actors your.jobs``.
+    """
+
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        *,
+        registry: JobRegistry | None = None,
+        settings: Settings | None = None,
+        threads: int = 4,
+    ) -> None:
+        self.actors = declare_actors(broker, registry=registry, settings=settings)
+        self.broker = broker
+        self._worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
+
+    def __enter__(self) -> InProcessWorker:
+        self._worker.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._worker.stop()

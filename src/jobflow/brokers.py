@@ -69,7 +69,7 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             if key not in given:
                 setattr(params, key, value)
         super().__init__(confirm_delivery=True, parameters=None, middleware=_middleware())
-        self.parameters = params
+        self.parameters = [params]
         self.url = url
         self.settings = settings
 
@@ -99,6 +99,4 @@ def create_broker(settings: Settings | None = None) -> dramatiq.Broker:
         return memory_broker(url)
     if scheme in ("amqp", "amqps"):
         return JobflowRabbitmqBroker(url, settings=settings)
-    raise ConfigurationError(
-        f"unsupported broker URL {redact_url(url)!r}: use memory://, amqp:// or amqps://"
-    )
+    raise ConfigurationError(f"unsupported broker URL {redact_url(url)!r}: use memory://, amqp:// or amqps://")

@@ -26,4 +26,3 @@ def demo(broker_url: str, module: str) -> None:
     except JobflowError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)
-

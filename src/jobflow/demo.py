@@ -37,8 +37,9 @@ def _load_example(module: str) -> Any:
         ) from exc
 
 
-def run_demo(broker_url: str, *, module: str = "actors", out: TextIO = sys.stdout) -> bool:
+def run_demo(broker_url: str, *, module: str = "actors", out: TextIO | None = None) -> bool:
     """Schedule the examples, run them on an in-process worker, print what happened; True if all ran."""
+    out = out or sys.stdout
     app = _load_example(module)
     on_rabbitmq = urlsplit(broker_url).scheme != "memory"
     # A demo on a shared RabbitMQ uses queues of its own, so no other worker takes its jobs.
@@ -80,7 +81,9 @@ def run_demo(broker_url: str, *, module: str = "actors", out: TextIO = sys.stdou
         attempts = [o for o in tracker.outcomes if o.message_id == job_id]
         ran = [o for o in attempts if o.error is None]
         if ran:
-            print(f"  ok    {label}: ran {ran[0].at - started:5.2f} s after start, {len(attempts)} attempt(s)", file=out)
+            print(
+                f"  ok    {label}: ran {ran[0].at - started:5.2f} s after start, {len(attempts)} attempt(s)", file=out
+            )
         else:
             print(f"  FAIL  {label}: did not run ({len(attempts)} failed attempt(s))", file=out)
     commands = tracker.succeeded(DISPATCH_COMMAND_ACTOR)

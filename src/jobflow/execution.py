@@ -128,7 +128,7 @@ class JobRunner:
             job, ctx = self._prepare_job(envelope, attempt, queue, log)
             result = job.execute(ctx)
             if inspect.isawaitable(result):
-                run_coroutine(_awaited(result))
+                run_coroutine(_as_coroutine(result))
 
     async def run_job_async(self, envelope: JobEnvelope, *, attempt: int, queue: str) -> None:
         with _observed(
@@ -174,7 +174,7 @@ class JobRunner:
             command, handler, ctx = self._prepare_command(envelope, attempt, queue, log)
             result = handler(command, ctx)
             if inspect.isawaitable(result):
-                result = run_coroutine(_awaited(result))
+                result = run_coroutine(_as_coroutine(result))
             return result
 
     async def dispatch_command_async(self, envelope: CommandEnvelope, *, attempt: int, queue: str) -> Any:
@@ -186,8 +186,14 @@ class JobRunner:
             return result
 
 
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
+def _as_coroutine(awaitable: Any) -> Coroutine[Any, Any, Any]:
+    if inspect.iscoroutine(awaitable):
+        return awaitable
+
+    async def wrapped() -> Any:
+        return await awaitable
+
+    return wrapped()
 
 
 def _lateness_ms(due_at: datetime) -> float:

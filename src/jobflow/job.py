@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
+from .errors import ConfigurationError
 from .versioned import VersionedModel
 
 if TYPE_CHECKING:
@@ -31,5 +32,5 @@ class Job(VersionedModel, abstract=True):
     def _register(cls) -> None:
         cls.registry.register_job(cls)
 
-    def execute(self, ctx: JobContext) -> None | Awaitable[None]:
-        raise NotImplementedError(f"{type(self).__qualname__} must define execute(self, ctx)")
+    def execute(self, ctx: JobContext) -> Awaitable[None] | None:
+        raise ConfigurationError(f"{type(self).__qualname__} must define execute(self, ctx)")

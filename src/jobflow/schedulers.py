@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import dramatiq
 import structlog
 
+from .brokers import create_broker
 from .envelope import CommandEnvelope, JobEnvelope
 from .errors import SchedulingError
 from .execution import JobRunner, run_coroutine_here
@@ -136,9 +137,7 @@ class InstantJobScheduler:
     def schedule_now(self, job: Job) -> str:
         return self.schedule(job)
 
-    async def schedule_async(
-        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None
-    ) -> str:
+    async def schedule_async(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
         envelope, runner, bus = self._prepare(job, delay, run_at)
         await runner.run_job_async(envelope, attempt=1, queue=self.queue)
         for command in bus.published:
@@ -164,8 +163,6 @@ class BrokerJobScheduler:
         settings: Settings | None = None,
         registry: JobRegistry | None = None,
     ) -> None:
-        from .brokers import create_broker
-
         if settings is None:
             settings = Settings(broker_url=url) if url is not None else Settings()
         elif url is not None:
@@ -181,7 +178,7 @@ class BrokerJobScheduler:
         envelope = make_envelope(job, self.registry, delay=delay, run_at=run_at)
         now_ms = int(time.time() * 1000)
         delay_ms = max(0, int((envelope.due_at - envelope.scheduled_at).total_seconds() * 1000))
-        message = dramatiq.Message(
+        message: dramatiq.Message[None] = dramatiq.Message(
             queue_name=self.queue,
             actor_name=RUN_JOB_ACTOR,
             args=(envelope.to_wire(),),
@@ -205,9 +202,7 @@ class BrokerJobScheduler:
     def schedule_now(self, job: Job) -> str:
         return self.schedule(job)
 
-    async def schedule_async(
-        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None
-    ) -> str:
+    async def schedule_async(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
         # The publish blocks until the broker confirms: keep it off the event loop.
         return await asyncio.to_thread(self.schedule, job, delay=delay, run_at=run_at)
 

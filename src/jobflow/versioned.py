@@ -22,6 +22,7 @@ class VersionedModel(BaseModel):
 
     _kind: ClassVar[str] = "model"
     registry: ClassVar[JobRegistry]
+    __jobflow_abstract__: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,

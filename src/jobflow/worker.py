@@ -97,9 +97,16 @@ def declare_actors(
         )
 
     actors = Actors(
-        run_job=dramatiq.Actor(run_job, broker=broker, actor_name=RUN_JOB_ACTOR, queue_name=jobs_q, priority=0, options={}),
+        run_job=dramatiq.Actor(
+            run_job, broker=broker, actor_name=RUN_JOB_ACTOR, queue_name=jobs_q, priority=0, options={}
+        ),
         dispatch_command=dramatiq.Actor(
-            dispatch_command, broker=broker, actor_name=DISPATCH_COMMAND_ACTOR, queue_name=commands_q, priority=0, options={}
+            dispatch_command,
+            broker=broker,
+            actor_name=DISPATCH_COMMAND_ACTOR,
+            queue_name=commands_q,
+            priority=0,
+            options={},
         ),
         runner=runner,
         queue_prefix=prefix,

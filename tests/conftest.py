@@ -1,0 +1,98 @@
+"""Fixtures: a fresh registry per test, unique in-memory brokers, and a real RabbitMQ.
+
+Broker tests talk to the RabbitMQ at ``JOBFLOW_TEST_AMQP_URL`` (default: localhost, guest).
+Each test session gets its own vhost when ``rabbitmqctl`` is at hand (deleted at the end, with
+everything declared in it), and each test its own queue prefix. Without a reachable broker the
+tests skip loudly, except under ``CI=true`` or ``JOBFLOW_REQUIRE_RABBITMQ=1``, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+import pytest
+
+from jobflow import JobRegistry, Settings
+from jobflow.names import commands_queue, jobs_queue
+
+AMQP_URL = os.environ.get("JOBFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REQUIRE_RABBITMQ = os.environ.get("CI") == "true" or os.environ.get("JOBFLOW_REQUIRE_RABBITMQ") == "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that asks for RabbitMQ carries the marker, so `-m "not rabbitmq"` is the fast part."""
+    for item in items:
+        if "rabbitmq_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.rabbitmq)
+
+
+@pytest.fixture
+def registry() -> JobRegistry:
+    """A registry of the test's own, so job classes of different tests never collide."""
+    return JobRegistry()
+
+
+@pytest.fixture
+def memory_settings() -> Settings:
+    """Settings for an in-memory broker nobody else in this process uses."""
+    return Settings(broker_url=f"memory://test-{uuid.uuid4().hex}")
+
+
+def _vhost_url(vhost: str) -> str:
+    parts = urlsplit(AMQP_URL)
+    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_base_url() -> Iterator[str]:
+    """A reachable RabbitMQ, in a vhost of this session's own when the broker is local."""
+    try:
+        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        reason = f"RabbitMQ is not reachable at {urlsplit(AMQP_URL).hostname}:{urlsplit(AMQP_URL).port} ({exc!r})"
+        if REQUIRE_RABBITMQ:
+            pytest.fail(f"{reason}; CI=true / JOBFLOW_REQUIRE_RABBITMQ=1 require it", pytrace=False)
+        pytest.skip(f"!!! BROKER TESTS SKIPPED: {reason}. Start it with `rabbitmq-server -detached`.")
+    local = urlsplit(AMQP_URL).hostname in ("127.0.0.1", "localhost") and shutil.which("rabbitmqctl")
+    if not local:
+        yield AMQP_URL
+        return
+    vhost = f"jobflow-test-{uuid.uuid4().hex[:12]}"
+    user = urlsplit(AMQP_URL).username or "guest"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield _vhost_url(vhost)
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_base_url: str) -> str:
+    return rabbitmq_base_url
+
+
+@pytest.fixture
+def amqp_settings(rabbitmq_url: str) -> Iterator[Settings]:
+    """Settings with a queue prefix of this test's own; its queues are deleted afterwards."""
+    settings = Settings(broker_url=rabbitmq_url, queue_prefix=f"t-{uuid.uuid4().hex[:10]}")
+    yield settings
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        channel = connection.channel()
+        for queue in (jobs_queue(settings.queue_prefix), commands_queue(settings.queue_prefix)):
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(name)
+    finally:
+        connection.close()

@@ -1,0 +1,26 @@
+"""Shared test helpers: run an in-process worker and wait for outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import dramatiq
+
+from jobflow import InProcessWorker, JobRegistry, Settings
+from jobflow.tracking import OutcomeTracker
+
+
+@contextmanager
+def tracked_worker(
+    broker: dramatiq.Broker, registry: JobRegistry, settings: Settings, threads: int = 4
+) -> Iterator[OutcomeTracker]:
+    """An in-process worker on ``broker`` and a tracker of what it processed."""
+    tracker = OutcomeTracker()
+    broker.add_middleware(tracker)
+    with InProcessWorker(broker, registry=registry, settings=settings, threads=threads):
+        yield tracker
+
+
+def wait(tracker: OutcomeTracker, done: Callable[[OutcomeTracker], bool], timeout: float = 20.0) -> None:
+    assert tracker.wait_for(done, timeout), f"timed out; outcomes so far: {tracker.outcomes}"

@@ -1,0 +1,62 @@
+"""`jobflow demo`: the EventFlow examples end to end."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+import structlog
+from click.testing import CliRunner
+
+from jobflow.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _at_project_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    yield
+    structlog.reset_defaults()
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["demo", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_demo_in_memory() -> None:
+    """The demo runs every example on the in-memory broker and exits 0."""
+    code, out = _run()
+    assert code == 0, out
+    assert out.count("  ok  ") == 5
+    assert "Flaky job (fails twice, then succeeds)" in out
+    assert "3 attempt(s)" in out
+    assert "All ran" in out
+
+
+def test_demo_needs_the_example_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the project's root the demo says where to run it."""
+    monkeypatch.chdir(tmp_path)
+    code, out = _run("--module", "no_such_app")
+    assert code == 1
+    assert "run the demo from the project's root" in out
+
+
+def test_demo_on_rabbitmq(rabbitmq_url: str) -> None:
+    """With --broker amqp://… the demo runs on RabbitMQ on queues of its own and cleans them up."""
+    code, out = _run("--broker", rabbitmq_url)
+    assert code == 0, out
+    assert out.count("  ok  ") == 5
+    assert "guest:guest@" not in out
+    prefix = re.search(r"\(queues (\S+)\.\*\)", out)
+    assert prefix is not None
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+            connection.channel().queue_declare(f"{prefix.group(1)}.jobs", passive=True)
+    finally:
+        connection.close()

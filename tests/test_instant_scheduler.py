@@ -13,7 +13,7 @@ import jobflow
 from jobflow import JobRegistry
 
 
-def make_jobs(registry: JobRegistry, seen: list[Any]) -> tuple[type[jobflow.Job], type[jobflow.Job]]:
+def make_jobs(registry: JobRegistry, seen: list[Any]) -> tuple[Any, Any]:
     class Record(jobflow.Job, registry=registry):
         value: int
 
@@ -165,7 +165,7 @@ class TestPublishCommandJob:
 
     def test_create_refuses_non_commands(self) -> None:
         """PublishCommandJob.create takes a Command."""
-        with pytest.raises(TypeError, match="takes a jobflow.Command"):
+        with pytest.raises(TypeError, match=r"takes a jobflow\.Command"):
             jobflow.PublishCommandJob.create("not a command")  # type: ignore[arg-type]
 
     def test_unknown_command_fails(self, registry: JobRegistry) -> None:
@@ -208,10 +208,8 @@ class TestMisuse:
     def test_delay_beyond_maximum(self, registry: JobRegistry) -> None:
         """A delay past MAX_DELAY is refused at schedule time."""
         Record, _ = make_jobs(registry, [])
-        with pytest.raises(jobflow.SchedulingError, match="at most"):
-            jobflow.InstantJobScheduler(registry).schedule(
-                Record(value=1), delay=jobflow.MAX_DELAY + timedelta(days=1)
-            )
+        with pytest.raises(jobflow.SchedulingError, match=r"at most \d+ days"):
+            jobflow.InstantJobScheduler(registry).schedule(Record(value=1), delay=jobflow.MAX_DELAY + timedelta(days=1))
 
     def test_not_a_job(self, registry: JobRegistry) -> None:
         """Scheduling something that is not a Job names what was given."""

@@ -60,7 +60,7 @@ class TestNaming:
         """A version that is not a positive int is a clear error at definition time."""
         with pytest.raises(jobflow.ConfigurationError, match="version must be an int >= 1"):
 
-            class BadJob(jobflow.Job, version=version, registry=registry):  # type: ignore[arg-type]
+            class BadJob(jobflow.Job, version=version, registry=registry):
                 pass
 
     def test_empty_name_is_refused(self, registry: JobRegistry) -> None:

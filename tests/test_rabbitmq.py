@@ -76,16 +76,22 @@ class TestPublishing:
         finally:
             connection.close()
         assert method is not None
+        assert properties is not None
+        assert body is not None
         assert properties.delivery_mode == 2
         message = json.loads(body)
         assert message["message_id"] == job_id
         assert message["actor_name"] == "jobflow.run_job"
         envelope = message["args"][0]
-        assert (envelope["name"], envelope["version"], envelope["data"]) == ("TouchFile", 1, {"path": "/nonexistent", "text": "x"})
+        assert (envelope["name"], envelope["version"], envelope["data"]) == (
+            "TouchFile",
+            1,
+            {"path": "/nonexistent", "text": "x"},
+        )
         assert envelope["job_id"] == job_id
 
     def test_queue_deleted_behind_the_scheduler(self, amqp_settings: Settings) -> None:
-        """With confirms and mandatory publishing, a queue deleted behind the scheduler is declared again, not lost into."""
+        """With confirms and mandatory publishing, a queue deleted behind the scheduler is declared again."""
         queue = jobs_queue(amqp_settings.queue_prefix)
         with jobflow.BrokerJobScheduler(settings=amqp_settings) as scheduler:
             scheduler.schedule_now(TouchFile(path="/a", text="1"))
@@ -145,7 +151,9 @@ class TestWorkerProcess:
         command = wait_for_file(command_done)
         assert (command["text"], command["job_id"]) == ("cmd", publish_id)
 
-    def test_delay_is_honoured(self, amqp_settings: Settings, worker_process: subprocess.Popen[str], tmp_path: Path) -> None:
+    def test_delay_is_honoured(
+        self, amqp_settings: Settings, worker_process: subprocess.Popen[str], tmp_path: Path
+    ) -> None:
         """A job delayed by 2 s runs no earlier than 2 s after it was scheduled (EventFlow issue 1104)."""
         delayed, now = tmp_path / "delayed.json", tmp_path / "now.json"
         with jobflow.BrokerJobScheduler(settings=amqp_settings) as scheduler:

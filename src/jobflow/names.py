@@ -16,3 +16,32 @@ def jobs_queue(prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
 def commands_queue(prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
     """The queue the command-bus actor consumes."""
     return f"{prefix}.commands"
+
+
+#: Levels of the delay topology: level k holds messages for 2**k ms, so 38 levels reach 8.7 years.
+DELAY_LEVELS = 38
+
+
+def delay_queue(prefix: str, level: int) -> str:
+    """The TTL queue of one level of the delay topology (messages wait here, in the broker)."""
+    return f"{prefix}.delay.L{level:02d}"
+
+
+def delay_exchange(prefix: str, level: int) -> str:
+    """The topic exchange that routes a delayed message into level ``level`` or past it."""
+    return f"{prefix}.delay.L{level:02d}"
+
+
+def delivery_exchange(prefix: str) -> str:
+    """Where a message whose delay has passed is routed to its destination queue."""
+    return f"{prefix}.delay.deliver"
+
+
+def unroutable_queue(prefix: str) -> str:
+    """Catches delayed messages whose destination queue no longer exists, so none is lost."""
+    return f"{prefix}.delay.unroutable"
+
+
+def delay_queues(prefix: str) -> list[str]:
+    """Every queue in which delayed messages wait."""
+    return [delay_queue(prefix, level) for level in range(DELAY_LEVELS)]

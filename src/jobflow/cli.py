@@ -1,4 +1,4 @@
-"""The ``jobflow`` command line."""
+"""The ``jobflow`` command line: each command group's logic lives in ``jobflow.operators``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,17 @@ import sys
 
 import click
 
+from .operators.cli_commands import jobs, schedule, status
+from .operators.cli_dead_letters import dead_letters
+
 
 @click.group()
 @click.version_option(package_name="jobflow")
 def main() -> None:
-    """jobflow: EventFlow's Jobs on Dramatiq and RabbitMQ."""
+    """jobflow: EventFlow's Jobs on Dramatiq and RabbitMQ.
+
+    Exit codes: 0 ok, 1 not everything done (refused, aborted), 2 usage error, 3 not found, 4 broker error.
+    """
 
 
 @main.command()
@@ -26,3 +32,7 @@ def demo(broker_url: str, module: str) -> None:
     except JobflowError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)
+
+
+for _command in (status, dead_letters, schedule, jobs):
+    main.add_command(_command)

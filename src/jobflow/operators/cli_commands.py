@@ -1,0 +1,157 @@
+"""``jobflow status``, ``jobflow jobs`` and ``jobflow schedule``."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from pydantic import ValidationError
+
+from ..job import Job
+from ..registry import JobRegistry, default_registry
+from ..schedulers import BrokerJobScheduler
+from . import amqp
+from .cli_common import broker_options, import_modules, module_option, reports_errors, target
+from .errors import UsageProblem
+from .output import emit_json, status_table, stdout
+from .status import collect_status
+from .timespec import parse_duration, parse_time
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+
+
+@click.command()
+@broker_options
+@json_option
+@reports_errors
+def status(*, broker_url: str | None, prefix: str | None, modules: tuple[str, ...], as_json: bool) -> None:
+    """Ready, scheduled and dead-lettered messages and consumers per queue, over AMQP alone."""
+    where = target(broker_url, prefix, modules)
+    with where.connection("status") as conn:
+        result = collect_status(conn, where.prefix)
+    if as_json:
+        emit_json({"broker": where.shown_url, "prefix": where.prefix, **result.as_json()})
+    else:
+        stdout().print(status_table(result))
+
+
+def describe_registry(registry: JobRegistry) -> dict[str, Any]:
+    """The registered job and command types, with versions, classes and JSON schemas."""
+
+    def entry(name: str, version: int, cls: type[Any]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "version": version,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "fields": list(cls.model_fields),
+            "schema": cls.model_json_schema(),
+        }
+
+    commands = []
+    for cls in registry.commands():
+        item = entry(cls.command_name, cls.command_version, cls)
+        try:
+            handler = registry.handler_for(cls.command_name, cls.command_version)
+            item["handler"] = f"{handler.__module__}.{handler.__qualname__}"
+        except LookupError:
+            item["handler"] = None
+        commands.append(item)
+    return {
+        "jobs": [entry(cls.job_name, cls.job_version, cls) for cls in registry.jobs()],
+        "commands": commands,
+    }
+
+
+@click.command()
+@module_option
+@json_option
+@reports_errors
+def jobs(*, modules: tuple[str, ...], as_json: bool) -> None:
+    """The registered job and command types, their versions and JSON schemas (import yours with -m)."""
+    import_modules(modules)
+    catalog = describe_registry(default_registry)
+    if as_json:
+        emit_json(catalog)
+        return
+    console = stdout()
+    for kind in ("jobs", "commands"):
+        console.print(f"[bold]{kind}[/]")
+        for item in catalog[kind]:
+            handler = f"  handler: {item['handler'] or 'NONE'}" if kind == "commands" else ""
+            console.print(f"  {item['name']} v{item['version']}  ({item['class']})  fields: {item['fields']}{handler}")
+        if not catalog[kind]:
+            console.print("  (none: import the modules that define them with -m)")
+
+
+def _job_class(registry: JobRegistry, name: str, version: int | None) -> type[Job]:
+    versions = registry.job_versions(name)
+    if not versions:
+        known = sorted({cls.job_name for cls in registry.jobs()})
+        raise UsageProblem(f"no job type {name!r} is registered (known: {known}); import its module with -m MODULE")
+    if version is not None and version not in versions:
+        raise UsageProblem(f"job {name!r} has no version {version}; registered versions: {versions}")
+    return registry.get(name, versions[-1] if version is None else version)
+
+
+def _job(cls: type[Job], data: str) -> Job:
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        raise UsageProblem(f"--data is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise UsageProblem("--data must be a JSON object")
+    try:
+        return cls.from_data(parsed)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(data)'}: {e['msg']}" for e in exc.errors())
+        raise UsageProblem(f"--data does not fit {cls.job_name} v{cls.job_version}: {problems}") from None
+
+
+@click.command()
+@click.argument("name")
+@click.option("--version", "version", type=click.IntRange(min=1), help="Job version [default: the highest registered].")
+@click.option("--data", required=True, metavar="JSON", help="The job's data, a JSON object.")
+@click.option("--delay", metavar="DURATION", help="Run after this long: 90s, 15m, 2h, 7d, 1d12h or ISO-8601 PT15M.")
+@click.option("--at", "at", metavar="TIME", help="Run at this ISO-8601 time with a timezone.")
+@broker_options
+@json_option
+@reports_errors
+def schedule(
+    *,
+    name: str,
+    version: int | None,
+    data: str,
+    delay: str | None,
+    at: str | None,
+    broker_url: str | None,
+    prefix: str | None,
+    modules: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Schedule a registered job from the shell; prints its id. --data is validated before publishing."""
+    where = target(broker_url, prefix, modules)
+    if delay is not None and at is not None:
+        raise UsageProblem("give --delay or --at, not both")
+    job = _job(_job_class(default_registry, name, version), data)
+    wait = parse_duration(delay) if delay is not None else None
+    run_at = parse_time(at) if at is not None else None
+    with where.connection("schedule"):
+        pass  # fail fast, with what to check, before Dramatiq's publish retries
+    with where.broker("schedule") as broker:
+        scheduler = BrokerJobScheduler(broker=broker, settings=where.settings)
+        try:
+            job_id = scheduler.schedule(job, delay=wait, run_at=run_at)
+        except DramatiqConnectionError as exc:
+            raise amqp.broker_error(where.url, exc, doing="publish to") from None
+    due = run_at or datetime.now(UTC) + (wait or timedelta(0))
+    if as_json:
+        emit_json({"job_id": job_id, "name": job.job_name, "version": job.job_version, "due_at": due.isoformat()})
+        return
+    click.echo(job_id)
+    click.echo(
+        f"scheduled {job.job_name} v{job.job_version} on {scheduler.queue}, due {due.isoformat(timespec='seconds')}",
+        err=True,
+    )

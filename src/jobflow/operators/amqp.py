@@ -52,7 +52,7 @@ def broker_error(url: str, exc: BaseException, doing: str = "connect to") -> Bro
         hint = "the broker closed the connection midway: run the command again (nothing was lost)"
     else:
         hint = f"is RabbitMQ running and reachable at {where}? check --broker or JOBFLOW_BROKER_URL"
-    detail = str(exc) or type(exc).__name__
+    detail = str(exc) or repr(exc)
     if parts.password:
         detail = detail.replace(parts.password, "***")
     return BrokerError(f"cannot {doing} the broker at {redact_url(url)}: {hint} ({detail})")

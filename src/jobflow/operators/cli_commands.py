@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import click
-from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from ..job import Job
 from ..registry import JobRegistry, default_registry
-from ..schedulers import BrokerJobScheduler
+from ..schedulers import BrokerJobScheduler, resolve_due
 from . import amqp
 from .cli_common import broker_options, import_modules, module_option, reports_errors, target
 from .errors import UsageProblem
@@ -138,15 +138,15 @@ def schedule(
     job = _job(_job_class(default_registry, name, version), data)
     wait = parse_duration(delay) if delay is not None else None
     run_at = parse_time(at) if at is not None else None
+    due = resolve_due(datetime.now(UTC), wait, run_at)  # refuses too long a delay before connecting
     with where.connection("schedule"):
         pass  # fail fast, with what to check, before Dramatiq's publish retries
     with where.broker("schedule") as broker:
         scheduler = BrokerJobScheduler(broker=broker, settings=where.settings)
         try:
             job_id = scheduler.schedule(job, delay=wait, run_at=run_at)
-        except DramatiqConnectionError as exc:
+        except BrokerConnectionError as exc:
             raise amqp.broker_error(where.url, exc, doing="publish to") from None
-    due = run_at or datetime.now(UTC) + (wait or timedelta(0))
     if as_json:
         emit_json({"job_id": job_id, "name": job.job_name, "version": job.job_version, "due_at": due.isoformat()})
         return

@@ -22,7 +22,7 @@ from typing import Any
 
 import dramatiq
 import pika
-from dramatiq.errors import ConnectionError as DramatiqConnectionError
+from dramatiq.errors import BrokerConnectionError
 
 from ..dead_letter import dead_letter_queue
 from ..due_time import DUE_OPTION
@@ -148,7 +148,7 @@ class Replayer:
             return False
         try:
             self.broker.enqueue(replay_message(letter, datetime.now(UTC)), delay=self.delay_ms or None)
-        except DramatiqConnectionError as exc:
+        except BrokerConnectionError as exc:
             self.report.moved -= 1
             raise broker_error(self.broker_url, exc, doing="publish to") from None
         return True

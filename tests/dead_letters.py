@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 import dramatiq
 import pika
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from pika.adapters.blocking_connection import BlockingChannel
 
 import jobflow
@@ -110,7 +111,7 @@ class DeadLetters:
         method, _, got = self.channel.basic_get(queue, auto_ack=False)
         assert method is not None
         assert method.delivery_tag is not None
-        assert got == body
+        assert _bytes(got) == body
         self.channel.basic_nack(method.delivery_tag, requeue=False)
 
     def count(self, queue: str) -> int:
@@ -118,18 +119,25 @@ class DeadLetters:
 
     def drain(self, queue: str) -> list[tuple[dict[str, Any], pika.BasicProperties]]:
         """Take every message from ``queue`` (decoded as Dramatiq JSON), leaving it empty."""
-        taken = []
+        taken: list[tuple[dict[str, Any], pika.BasicProperties]] = []
         while True:
             method, properties, body = self.channel.basic_get(queue, auto_ack=True)
-            if method is None:
+            if method is None or properties is None:
                 return taken
-            taken.append((dramatiq.Message.decode(body).asdict(), properties))
+            taken.append((dramatiq.Message.decode(_bytes(body)).asdict(), properties))
+
+
+def _bytes(body: Any) -> bytes:
+    # types-pika says str; pika hands bytes.
+    assert isinstance(body, bytes)
+    return body
 
 
 @contextmanager
 def dead_letters(settings: Settings) -> Iterator[DeadLetters]:
     """Declare the test's work queues as Dramatiq does (dead-lettering into ``.XQ``) and yield a maker."""
     broker = jobflow.create_broker(settings)
+    assert isinstance(broker, RabbitmqBroker)
     try:
         for queue in (jobs_queue(settings.queue_prefix), commands_queue(settings.queue_prefix)):
             broker.declare_queue(queue, ensure=True)

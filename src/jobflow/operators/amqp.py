@@ -49,7 +49,7 @@ def broker_error(url: str, exc: BaseException, doing: str = "connect to") -> Bro
     elif isinstance(exc, socket.gaierror):
         hint = f"the host name {parts.hostname!r} does not resolve: check the URL"
     elif isinstance(exc, pika.exceptions.ConnectionClosedByBroker | pika.exceptions.StreamLostError):
-        hint = "the broker closed the connection midway: run the command again (nothing was lost)"
+        hint = "the connection was closed midway, by the broker or the network"
     else:
         hint = f"is RabbitMQ running and reachable at {where}? check --broker or JOBFLOW_BROKER_URL"
     detail = str(exc) or repr(exc)

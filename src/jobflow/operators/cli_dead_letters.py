@@ -118,7 +118,7 @@ def _run(
                 walk(conn, counts, selection, visit, advance)
     except BrokerError as exc:
         raise BrokerError(
-            f"{exc}; {report.moved} dead letter(s) done before that; the others are still dead-lettered:"
+            f"{exc}. {report.moved} dead letter(s) done before that; the others are still dead-lettered:"
             " run the command again (one in flight may have been copied but not yet removed: a duplicate, never a loss)"
         ) from None
     except BROKER_FAILURES as exc:

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from .topology_cli import topology
+
 
 @click.group()
 @click.version_option(package_name="jobflow")
@@ -26,3 +28,6 @@ def demo(broker_url: str, module: str) -> None:
     except JobflowError as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(0 if ok else 1)
+
+
+main.add_command(topology)

@@ -20,6 +20,7 @@ import pika.exceptions
 import pytest
 
 from jobflow import JobRegistry, Settings
+from jobflow.delays import DelayTopology
 from jobflow.names import commands_queue, jobs_queue
 
 AMQP_URL = os.environ.get("JOBFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -88,11 +89,17 @@ def amqp_settings(rabbitmq_url: str) -> Iterator[Settings]:
     """Settings with a queue prefix of this test's own; its queues are deleted afterwards."""
     settings = Settings(broker_url=rabbitmq_url, queue_prefix=f"t-{uuid.uuid4().hex[:10]}")
     yield settings
-    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    delete_declared(rabbitmq_url, settings)
+
+
+def delete_declared(url: str, settings: Settings) -> None:
+    """Delete the work queues and the delay topology of one queue prefix."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
         for queue in (jobs_queue(settings.queue_prefix), commands_queue(settings.queue_prefix)):
             for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
                 channel.queue_delete(name)
+        DelayTopology(settings.queue_prefix).delete(channel)
     finally:
         connection.close()

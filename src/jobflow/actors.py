@@ -9,6 +9,7 @@ command types.
 from __future__ import annotations
 
 import dramatiq
+import structlog
 
 from .brokers import create_broker, redact_url
 from .log_config import configure_logging
@@ -25,8 +26,6 @@ run_job = _actors.run_job
 dispatch_command = _actors.dispatch_command
 
 __all__ = ["broker", "dispatch_command", "run_job"]
-
-import structlog  # noqa: E402  (logged after the broker exists, with the password masked)
 
 structlog.get_logger("jobflow").info(
     "worker.configured", broker=redact_url(settings.broker_url), queue_prefix=settings.queue_prefix

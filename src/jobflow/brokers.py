@@ -11,12 +11,17 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import dramatiq
 import pika
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+import pika.exceptions
+from dramatiq.brokers.rabbitmq import MAX_ENQUEUE_ATTEMPTS, RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import q_name
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, default_middleware
 
+from .delays import MAX_DELAY_MS, DelayTopology, entry_level, queue_type_arguments, routing_key
 from .due_time import DueTime
-from .errors import ConfigurationError
+from .errors import ConfigurationError, SchedulingError
+from .names import delay_exchange
 from .settings import Settings
 
 #: Retry backoff of the foundation: the retry-policy issue replaces it with per-type policies.
@@ -60,7 +65,10 @@ def _middleware() -> list[Middleware]:
 
 
 class JobflowRabbitmqBroker(RabbitmqBroker):
-    """RabbitMQ with publisher confirms always on and connection parameters that survive trouble."""
+    """RabbitMQ with publisher confirms always on, connection parameters that survive trouble, and
+    every delayed enqueue (schedules, ``send_with_options(delay=...)``, retry backoffs) held in the
+    broker's delay topology instead of Dramatiq's ``.DQ`` queue in worker memory.
+    """
 
     def __init__(self, url: str, *, settings: Settings) -> None:
         params = pika.URLParameters(url)
@@ -72,9 +80,50 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         self.parameters = [params]
         self.url = url
         self.settings = settings
+        self.topology = DelayTopology(settings.queue_prefix, settings.queue_type)
 
     def __repr__(self) -> str:
         return f"JobflowRabbitmqBroker({redact_url(self.url)!r})"
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)  # type: ignore[no-untyped-call]
+        return arguments | queue_type_arguments(self.settings.queue_type)
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        # Runs whenever Dramatiq (re)declares a work queue: the ladder comes with it, idempotently.
+        result = super()._declare_queue(queue_name)  # type: ignore[no-untyped-call]
+        self.topology.declare(self.channel)
+        self.topology.bind_destination(self.channel, queue_name)
+        return result
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        if not delay or delay <= 0:
+            return super().enqueue(message)
+        delay = int(delay)
+        if delay > MAX_DELAY_MS:
+            raise SchedulingError(f"a delay can be at most {MAX_DELAY_MS} ms (about 8.7 years), got {delay} ms")
+        queue_name = q_name(message.queue_name)
+        attempts = 0
+        while True:
+            try:
+                self.declare_queue(queue_name, ensure=True)
+                self.emit_before("enqueue", message, delay)
+                self.channel.basic_publish(
+                    exchange=delay_exchange(self.settings.queue_prefix, entry_level(delay)),
+                    routing_key=routing_key(delay, queue_name),
+                    body=message.encode(),
+                    properties=pika.BasicProperties(delivery_mode=2),
+                    mandatory=True,
+                )
+                self.emit_after("enqueue", message, delay)
+                return message
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
+                # As Dramatiq does for direct publishes: a fresh connection, the queue declared again.
+                del self.connection
+                self.queues_pending.add(queue_name)
+                attempts += 1
+                if attempts >= MAX_ENQUEUE_ATTEMPTS:
+                    raise ConnectionClosed(exc) from None
 
 
 def memory_broker(url: str = "memory://") -> StubBroker:

@@ -8,6 +8,7 @@ import click
 
 from .operators.cli_commands import jobs, schedule, status
 from .operators.cli_dead_letters import dead_letters
+from .topology_cli import topology
 
 
 @click.group()
@@ -34,5 +35,5 @@ def demo(broker_url: str, module: str) -> None:
     sys.exit(0 if ok else 1)
 
 
-for _command in (status, dead_letters, schedule, jobs):
+for _command in (status, dead_letters, schedule, jobs, topology):
     main.add_command(_command)

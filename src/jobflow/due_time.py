@@ -6,21 +6,55 @@ own ``due_ms`` (epoch milliseconds) on every enqueue: first schedules, delayed s
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
+import structlog
+from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis
-from dramatiq.middleware import CurrentMessage, Middleware
+from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
 DUE_OPTION = "due_ms"
 
 
+#: An early message closer than this to its due time waits in the worker thread; a farther one
+#: goes back into the broker's delay topology for the rest of its delay.
+MAX_EARLY_SLEEP_MS = 25
+
+logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+
+
 class DueTime(Middleware):
-    """Stamps ``due_ms`` on each message as it is enqueued."""
+    """Stamps ``due_ms`` on each message as it is enqueued, and never lets one run before it.
+
+    The broker cannot release a message early, but a producer whose clock runs ahead of the
+    worker's can stamp a time still in the worker's future: such a message waits out the difference.
+    """
 
     def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None) -> None:
         message.options[DUE_OPTION] = current_millis() + max(0, delay or 0)
+
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        due = message.options.get(DUE_OPTION)
+        if not isinstance(due, int):
+            return
+        early = due - current_millis()
+        if early <= 0:
+            return
+        if early <= MAX_EARLY_SLEEP_MS:
+            time.sleep(early / 1000)
+            return
+        logger.warning("message.early", message_id=message.message_id, early_ms=early, queue=message.queue_name)
+        try:
+            broker.enqueue(message.copy(), delay=early)
+        except Exception:
+            # Not delayed again (broker trouble): wait here rather than run early or lose it.
+            logger.exception("message.early_requeue_failed", message_id=message.message_id)
+            time.sleep(early / 1000)
+            return
+        raise SkipMessage(f"{early} ms early: delayed again")
 
 
 def current_due_at() -> datetime | None:

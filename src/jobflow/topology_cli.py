@@ -1,0 +1,57 @@
+"""``jobflow topology declare``: for deployments where applications may not declare queues."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import click
+
+from .brokers import JobflowRabbitmqBroker, create_broker, redact_url
+from .delays import QueueType
+from .names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
+from .settings import Settings
+
+BROKER_ERROR_EXIT = 4
+
+
+@click.group()
+def topology() -> None:
+    """The queues and the delay topology on RabbitMQ."""
+
+
+@topology.command()
+@click.option("--broker", "broker_url", envvar="JOBFLOW_BROKER_URL", help="amqp://... (default JOBFLOW_BROKER_URL)")
+@click.option("--prefix", envvar="JOBFLOW_QUEUE_PREFIX", default="jobflow", show_default=True)
+@click.option(
+    "--queue-type",
+    envvar="JOBFLOW_QUEUE_TYPE",
+    type=click.Choice(["classic", "quorum"]),
+    default="classic",
+    show_default=True,
+)
+def declare(broker_url: str | None, prefix: str, queue_type: str) -> None:
+    """Declare the work queues, their dead-letter queues and the delay ladder (idempotent)."""
+    settings = Settings(queue_prefix=prefix, queue_type=cast(QueueType, queue_type))
+    if broker_url:
+        settings = settings.model_copy(update={"broker_url": broker_url})
+    broker = create_broker(settings)
+    if not isinstance(broker, JobflowRabbitmqBroker):
+        raise click.UsageError("topology declare needs an amqp:// or amqps:// broker URL")
+    queues = [jobs_queue(prefix), commands_queue(prefix)]
+    try:
+        for queue in queues:
+            broker.declare_queue(queue, ensure=True)
+    except Exception as exc:
+        click.echo(
+            f"error: cannot declare on {redact_url(settings.broker_url)}: {exc!r}\n"
+            "check that RabbitMQ runs, the URL and credentials, and that the user may configure this vhost",
+            err=True,
+        )
+        raise SystemExit(BROKER_ERROR_EXIT) from exc
+    finally:
+        broker.close()
+    click.echo(
+        f"declared on {redact_url(settings.broker_url)} ({queue_type} queues): "
+        f"{', '.join(queues)} with their .XQ dead-letter queues; "
+        f"{DELAY_LEVELS} delay levels {prefix}.delay.L00-L{DELAY_LEVELS - 1}; {delivery_exchange(prefix)}"
+    )

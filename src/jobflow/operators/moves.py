@@ -36,8 +36,9 @@ from .selection import Selection
 #: Returns True to remove the dead letter (acknowledge it), False to leave it where it is.
 Visit = Callable[[DeadLetterView], bool]
 
-#: Options of the failed run that a replay drops: attempts start again from one.
-_RESET_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta", DUE_OPTION})
+#: Options of the failed run that a replay drops: attempts, and the failure series, start again.
+#: (``jobflow_first_failure_ms`` is where the failure handling keeps when the first attempt failed.)
+_RESET_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta", DUE_OPTION, "jobflow_first_failure_ms"})
 
 
 def count_dead_letters(conn: pika.BlockingConnection, queues: list[str]) -> dict[str, int]:

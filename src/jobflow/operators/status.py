@@ -3,10 +3,10 @@
 AMQP's passive ``queue.declare`` reports the *ready* messages and the consumers of a queue, not
 the messages delivered and not yet acknowledged: ``unacked`` is therefore reported as unknown
 (``null``) rather than guessed; ``rabbitmqctl list_queues name messages_unacknowledged`` or the
-management plugin has it. Scheduled messages are those waiting in the broker: Dramatiq's
-``<queue>.DQ`` (per queue) and jobflow's delay topology (shared by all queues, so a total).
-Dramatiq's own delays, until the delay topology replaces them, sit unacknowledged in workers'
-memory, where AMQP cannot count them.
+management plugin has it. Scheduled messages are those waiting in the broker: jobflow's delay
+topology (shared by all queues, so a total) and, per queue, any ready in Dramatiq's ``<queue>.DQ``
+(which only producers that bypass jobflow's broker still use; what workers took from it waits
+unacknowledged in their memory, where AMQP cannot count it).
 """
 
 from __future__ import annotations

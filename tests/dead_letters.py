@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -174,7 +173,3 @@ def close_cli_connections(url: str) -> int:
             timeout=60,
         )
     return len(pids)
-
-
-def unique(prefix: str = "x") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -171,10 +171,13 @@ class TestReplay:
         assert [row["id"] for row in remaining] == [value]
 
     def test_says_which(self, amqp_settings: Settings, maker: DeadLetters) -> None:
-        """No IDs, --all or filter is a usage error; IDs with --all too; an unknown id exits 3."""
+        """No target, IDs with --all, or too long a delay are usage errors; an unknown id exits 3."""
         maker.add(TouchFile(path="/a", text="1"))
         assert _replay(amqp_settings).exit_code == 2
         assert _replay(amqp_settings, "some-id", "--all").exit_code == 2
+        too_long = _replay(amqp_settings, "--all", "--delay", "3000d")
+        assert too_long.exit_code == 2
+        assert "--delay can be at most" in too_long.stderr
         missing = _replay(amqp_settings, "no-such-id")
         assert missing.exit_code == 3
         assert "no-such-id" in missing.stderr

@@ -50,6 +50,8 @@ def broker_error(url: str, exc: BaseException, doing: str = "connect to") -> Bro
         hint = f"the host name {parts.hostname!r} does not resolve: check the URL"
     elif isinstance(exc, pika.exceptions.ConnectionClosedByBroker | pika.exceptions.StreamLostError):
         hint = "the connection was closed midway, by the broker or the network"
+    elif isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        hint = "the broker refused an operation (see its reason)"
     else:
         hint = f"is RabbitMQ running and reachable at {where}? check --broker or JOBFLOW_BROKER_URL"
     detail = str(exc) or repr(exc)

@@ -10,10 +10,11 @@ from typing import ParamSpec, TypeVar
 import click
 
 from ..registry import default_registry
+from ..schedulers import MAX_DELAY
 from .amqp import BROKER_FAILURES, broker_error
 from .cli_commands import json_option
 from .cli_common import Target, broker_options, reports_errors, target
-from .errors import BrokerError, NotFoundError, OperatorError
+from .errors import BrokerError, NotFoundError, OperatorError, UsageProblem
 from .letters import DeadLetterView
 from .moves import Collector, MoveReport, Purger, Replayer, Visit, count_dead_letters, walk
 from .output import dead_letter_table, emit_json, progress, show_letter, stdout
@@ -139,6 +140,15 @@ def _finish(report: MoveReport, ids: tuple[str, ...], as_json: bool, dry_run: bo
         raise OperatorError(f"{len(report.refused)} dead letter(s) refused; they stay dead-lettered")
 
 
+def _delay_ms(delay: str | None) -> int | None:
+    if delay is None:
+        return None
+    wait = parse_duration(delay)
+    if wait > MAX_DELAY:
+        raise UsageProblem(f"--delay can be at most {MAX_DELAY.days} days, got {wait}")
+    return to_millis(wait)
+
+
 @dead_letters.command("replay")
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--all", "all_", is_flag=True, help="Every dead letter (narrowed by any filters).")
@@ -167,7 +177,7 @@ def replay(
     where = target(broker_url, prefix, modules)
     selection = _selection(ids, job, error, since)
     require_target(ids, all_, selection, queue)
-    delay_ms = to_millis(parse_duration(delay)) if delay is not None else None
+    delay_ms = _delay_ms(delay)
     with nullcontext(None) if dry_run else where.broker("dead-letters replay publish") as broker:
         replayer = Replayer(broker, default_registry, delay_ms=delay_ms, dry_run=dry_run, broker_url=where.url)
         _run(where, _queues(where, queue), selection, visit=replayer, report=replayer.report, label="replay")

@@ -80,12 +80,13 @@ class TestList:
         (row,) = doc["dead_letters"]
         assert row["id"].startswith("raw-")
         assert (row["reason"], row["size"], row["jobflow_record"], row["job"]) == ("rabbitmq:rejected", 17, False, None)
+        assert row["body_head"] == "\\xff\\xfenot json at all"
         shown = run_json("dead-letters", "show", row["id"], settings=amqp_settings)
         assert shown["body_head"] == "\\xff\\xfenot json at all"
         assert shown["x_death"][0]["reason"] == "rejected"
         assert shown["x_death"][0]["queue"] == jobs_queue(amqp_settings.queue_prefix)
         result = run_cli("dead-letters", "list", settings=amqp_settings)
-        assert "rabbitmq:rejected (17 bytes" in result.stdout
+        assert "rabbitmq:rejected (17 bytes, x-death count 1, starts b'\\xff\\xfenot json at all')" in result.stdout
 
     def test_filters(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """--job, --error, --since, --queue and --limit narrow the rows; `total` counts every match."""

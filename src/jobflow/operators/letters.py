@@ -123,6 +123,11 @@ class DeadLetterView:
         at = _replay_option(self).get("at")
         return at if isinstance(at, str) else None
 
+    @property
+    def body_head(self) -> str:
+        """The body's first bytes, undecodable ones escaped (``\\xff``)."""
+        return self.body[:HEAD_BYTES].decode("utf-8", "backslashreplace")
+
     def summary(self) -> dict[str, Any]:
         """One row of ``dead-letters list``: JSON-ready."""
         return {
@@ -139,6 +144,8 @@ class DeadLetterView:
             "replay_count": self.replay_count,
             "jobflow_record": self.record is not None,
             "size": len(self.body),
+            # What little is known of a body that is not a message: its first bytes.
+            "body_head": self.body_head if self.message is None else None,
         }
 
     def details(self) -> dict[str, Any]:
@@ -154,7 +161,7 @@ class DeadLetterView:
             "header_problem": self.header_problem,
             "message": _jsonable(self.message.asdict()) if self.message is not None else None,
             "x_death": [_jsonable(d) for d in self.x_death],
-            "body_head": self.body[:HEAD_BYTES].decode("utf-8", "backslashreplace"),
+            "body_head": self.body_head,
         }
 
 

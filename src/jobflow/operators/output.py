@@ -103,7 +103,8 @@ def dead_letter_table(letters: list[DeadLetterView], total: int) -> Table:
 def _error_text(letter: DeadLetterView, width: int = 80) -> str:
     if letter.error_type is None:
         death = letter.x_death[0] if letter.x_death else {}
-        return f"{letter.reason} ({len(letter.body)} bytes, x-death count {death.get('count', '?')})"
+        head = f", starts {letter.body[:24]!r}" if letter.message is None else ""
+        return f"{letter.reason} ({len(letter.body)} bytes, x-death count {death.get('count', '?')}{head})"
     text = f"{letter.error_type}: {letter.error_message}"
     return text if len(text) <= width else text[: width - 1] + "…"
 

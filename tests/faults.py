@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pika
+import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
@@ -143,9 +144,14 @@ def drain(url: str, queue: str) -> list[Delivery]:
 
 
 def message_count(url: str, queue: str) -> int:
+    """How many messages wait in ``queue``; 0 while it does not exist."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         return int(connection.channel().queue_declare(queue, passive=True).method.message_count or 0)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return 0
+        raise
     finally:
         connection.close()
 

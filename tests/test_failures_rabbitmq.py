@@ -254,6 +254,28 @@ class TestDeadLetterQueue:
         assert letter.record is not None
         assert letter.record.reason == "permanent_error"
 
+    def test_dead_letter_queue_deleted_behind_the_worker(
+        self, app: App, amqp_settings: Settings, scheduler: jobflow.BrokerJobScheduler
+    ) -> None:
+        """A dead-letter queue deleted while the worker runs is declared again by the next dead letter."""
+
+        class Fails(jobflow.Job, registry=app.registry):
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                raise jobflow.PermanentError("no")
+
+        xq = dead_letter_queue(scheduler.queue)
+        with tracked_worker(scheduler.broker, app.registry, amqp_settings) as tracker:
+            app.prime(scheduler, tracker)
+            connection = pika.BlockingConnection(pika.URLParameters(amqp_settings.broker_url))
+            try:
+                connection.channel().queue_delete(xq)
+            finally:
+                connection.close()
+            scheduler.schedule_now(Fails())
+            [letter] = wait_for_messages(amqp_settings.broker_url, xq, 1)
+        assert letter.record is not None
+        assert letter.record.reason == "permanent_error"
+
 
 GoodAndBad = tuple[str, dict[str, Any], dict[str, Any]]
 #: A registered job's name, data it accepts, and data it rejects: in-process App, and tests.worker_app.

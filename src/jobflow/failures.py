@@ -195,7 +195,7 @@ class Failures(Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        if exception is None:
+        if exception is None or message.failed:  # failed by another middleware: the broker rejects it
             return
         try:
             self._handle(broker, message, exception)
@@ -246,7 +246,9 @@ class Failures(Middleware):
         if delay is None:
             delay = target.options.retry.delay(attempt, rng=self.rng)
         delay_ms = max(0, int(delay / timedelta(milliseconds=1)))
-        retry = message.copy(options={"retries": attempt, FIRST_FAILURE_OPTION: first_ms})
+        retry = message.copy(
+            queue_name=q_name(message.queue_name), options={"retries": attempt, FIRST_FAILURE_OPTION: first_ms}
+        )
         try:
             broker.enqueue(retry, delay=delay_ms or None)
         except Exception as retry_exc:

@@ -209,7 +209,8 @@ class Failures(Middleware):
         attempt = attempt_of(message)
         policy = target.options.retry
         verdict = policy.verdict(exc)
-        first = message.options.get(FIRST_FAILURE_OPTION)
+        # Only a retry carries its first failure; a replayed dead letter starts a new story.
+        first = message.options.get(FIRST_FAILURE_OPTION) if attempt > 1 else None
         first_ms = first if isinstance(first, int) and not isinstance(first, bool) else current_millis()
         log = logger.bind(**_log_fields(target, message, attempt))
         if verdict == "transient" and attempt < policy.max_attempts:

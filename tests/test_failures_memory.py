@@ -14,8 +14,9 @@ from dramatiq.middleware import CurrentMessage
 import jobflow
 from jobflow import JobRegistry, RetryPolicy, Settings
 from jobflow.dead_letter import DeadLetter
-from jobflow.failures import dead_letter_record
+from jobflow.failures import FIRST_FAILURE_OPTION, dead_letter_record
 from jobflow.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.schedulers import make_envelope
 from jobflow.tracking import OutcomeTracker
 
 from .helpers import tracked_worker, wait
@@ -247,6 +248,32 @@ class TestPermanentInMemory:
             scheduler.schedule_now(jobflow.PublishCommandJob(command_name="Nope", command_version=3, command_data={}))
             [record] = dead_letters(scheduler.broker, 1)
         assert (record.reason, record.kind, record.name, record.version) == ("unknown_command", "command", "Nope", 3)
+
+    def test_replayed_message_starts_a_new_failure_story(
+        self, registry: JobRegistry, memory_settings: Settings
+    ) -> None:
+        """A first attempt ignores a first-failure time left in its options by an earlier life."""
+
+        class Doomed(jobflow.Job, registry=registry):
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                raise jobflow.PermanentError("still no")
+
+        scheduler = jobflow.BrokerJobScheduler(settings=memory_settings, registry=registry)
+        broker = scheduler.broker
+        envelope = make_envelope(Doomed(), registry)
+        with tracked_worker(broker, registry, memory_settings):
+            broker.enqueue(
+                dramatiq.Message(
+                    queue_name=scheduler.queue,
+                    actor_name=RUN_JOB_ACTOR,
+                    args=(envelope.to_wire(),),
+                    kwargs={},
+                    options={"retries": 0, FIRST_FAILURE_OPTION: 1_000},  # as a replay leaves it
+                )
+            )
+            [record] = dead_letters(broker, 1)
+        assert record.first_failed_at.year >= 2024
+        assert record.attempts == 1
 
 
 class TestTimeLimit:

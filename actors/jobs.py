@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import jobflow
 
 
@@ -14,7 +16,13 @@ class LogMessageJob(jobflow.Job, name="LogMessage", version=1):
         ctx.log.info("log_message", message=self.message)
 
 
-class FlakyJob(jobflow.Job, name="Flaky", version=1):
+class FlakyJob(
+    jobflow.Job,
+    name="Flaky",
+    version=1,
+    # Retries within a second, so the demo shows them without waiting for the default backoff.
+    retry=jobflow.RetryPolicy(max_attempts=5, backoff=timedelta(milliseconds=200), max_backoff=timedelta(seconds=1)),
+):
     """Fails with a transient error on its first ``failures`` attempts, then succeeds."""
 
     failures: int = 2

@@ -27,6 +27,7 @@ def test_all_is_pinned() -> None:
         "PermanentError",
         "PublishCommandJob",
         "RegistrationError",
+        "RetryPolicy",
         "SchedulingError",
         "Settings",
         "TransientError",

@@ -21,6 +21,7 @@ from .job import Job
 from .log_config import configure_logging
 from .publish_command import PublishCommandJob
 from .registry import JobRegistry, default_registry
+from .retry import RetryPolicy
 from .schedulers import MAX_DELAY, BrokerJobScheduler, InstantJobScheduler, JobScheduler
 from .settings import Settings
 from .worker import InProcessWorker, declare_actors
@@ -47,6 +48,7 @@ __all__ = [
     "PermanentError",
     "PublishCommandJob",
     "RegistrationError",
+    "RetryPolicy",
     "SchedulingError",
     "Settings",
     "TransientError",

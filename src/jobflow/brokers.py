@@ -16,18 +16,17 @@ from dramatiq.brokers.rabbitmq import MAX_ENQUEUE_ATTEMPTS, RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed
-from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, default_middleware
+from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, TimeLimit, default_middleware
 
+from .consumer import JobflowConsumer, declare_dead_letter_queue, publish_dead_letter
+from .dead_letter import DeadLetter
 from .delays import MAX_DELAY_MS, DelayTopology, entry_level, queue_type_arguments, routing_key
 from .due_time import DueTime
 from .errors import ConfigurationError, SchedulingError
+from .failures import Failures
+from .limits import JobTimeLimit
 from .names import delay_exchange
 from .settings import Settings
-
-#: Retry backoff of the foundation: the retry-policy issue replaces it with per-type policies.
-MIN_BACKOFF_MS = 1_000
-MAX_BACKOFF_MS = 3_600_000
-MAX_RETRIES = 9
 
 # Connection tuning that keeps a worker healthy, unless the URL sets it.
 _CONNECTION_DEFAULTS: dict[str, Any] = {
@@ -55,13 +54,15 @@ def redact_url(url: str) -> str:
 
 
 def _middleware() -> list[Middleware]:
+    # Failures replaces Retries; JobTimeLimit replaces TimeLimit and comes last, so its deadline is
+    # disarmed (after_* hooks run in reverse) before Failures publishes a retry or a dead letter.
     stack: list[Middleware] = []
     for m in default_middleware:
         if m is Retries:
-            stack.append(Retries(max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS))
-        else:
+            stack.append(Failures())
+        elif m is not TimeLimit:
             stack.append(m())
-    return [*stack, AsyncIO(), CurrentMessage(), DueTime()]
+    return [*stack, AsyncIO(), CurrentMessage(), DueTime(), JobTimeLimit()]
 
 
 class JobflowRabbitmqBroker(RabbitmqBroker):
@@ -84,6 +85,20 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
 
     def __repr__(self) -> str:
         return f"JobflowRabbitmqBroker({redact_url(self.url)!r})"
+
+    @property
+    def consumer_class(self) -> type[JobflowConsumer]:
+        return JobflowConsumer  # screens poison and keeps each delivery's body for its dead letter
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        # Without Dramatiq's 7-day TTL; a quorum queue in quorum mode, so dead letters are replicated too.
+        return declare_dead_letter_queue(self, queue_name, queue_type_arguments(self.settings.queue_type))
+
+    def publish_dead_letter(
+        self, source_queue: str, body: bytes, record: DeadLetter, headers: dict[str, Any] | None = None
+    ) -> None:
+        """Publish a dead letter to ``<source_queue>.XQ``, confirmed; raises if it was not."""
+        publish_dead_letter(self, source_queue, body, record, headers)
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)  # type: ignore[no-untyped-call]

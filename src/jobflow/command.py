@@ -16,7 +16,10 @@ CommandHandler = Callable[[C, "CommandContext"], Any | Awaitable[Any]]
 
 
 class Command(VersionedModel, abstract=True):
-    """``class SendEmailCommand(Command, name="SendEmail", version=1)``; handled by one handler."""
+    """``class SendEmailCommand(Command, name="SendEmail", version=1)``; handled by one handler.
+
+    ``retry=`` and ``time_limit=`` apply to the command-bus message that runs the handler.
+    """
 
     command_name: ClassVar[str]
     command_version: ClassVar[int]

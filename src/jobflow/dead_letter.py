@@ -20,6 +20,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 HEADER = "x-jobflow-dead-letter"
 
+#: Message option where a replay records how often and when (``{"count": n, "at": iso}``); it
+#: travels in the body, so it survives retries, delays and another dead-lettering.
+REPLAY_OPTION = "jobflow_replay"
+
 Reason = Literal[
     "retries_exhausted",  # a transient failure on the last allowed attempt
     "permanent_error",  # PermanentError, or an exception the policy says never to retry

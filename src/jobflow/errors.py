@@ -10,11 +10,13 @@ name, version and id where they are known::
      +-- UnknownJobError           no job type is registered under (name, version)
      +-- UnknownCommandError       no command type or handler is registered under (name, version)
      +-- InvalidPayloadError       a message whose data the registered type rejects, or not an envelope
-     +-- TransientError            raise it from a job: always retried
+     +-- TransientError            raise it from a job: always retried (after ``retry_after``, if given)
      +-- PermanentError            raise it from a job: never retried, dead-lettered at once
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 
 class JobflowError(Exception):
@@ -59,7 +61,25 @@ class InvalidPayloadError(JobflowError, ValueError):
 
 
 class TransientError(JobflowError):
-    """Raised by a job to say: this may work later, retry it."""
+    """Raised by a job to say: this may work later, retry it.
+
+    ``retry_after`` replaces the policy's backoff for this retry (a rate limit's Retry-After, say);
+    the retry still counts as an attempt.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: timedelta | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        if retry_after is not None and (not isinstance(retry_after, timedelta) or retry_after < timedelta(0)):
+            raise ConfigurationError(f"retry_after must be a timedelta >= 0, got {retry_after!r}")
+        super().__init__(message, name=name, version=version, job_id=job_id)
+        self.retry_after = retry_after
 
 
 class PermanentError(JobflowError):

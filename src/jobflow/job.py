@@ -17,7 +17,8 @@ class Job(VersionedModel, abstract=True):
 
     ``class LogMessageJob(Job, name="LogMessage", version=1)``; without them, the class name and 1.
     ``registry=`` joins another registry than ``default_registry``; ``abstract=True`` registers
-    nothing (for shared base classes).
+    nothing (for shared base classes). ``retry=RetryPolicy(...)`` and ``time_limit=timedelta(...)``
+    override the registry's defaults for this type and its subclasses.
     """
 
     job_name: ClassVar[str]

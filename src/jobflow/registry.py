@@ -7,9 +7,11 @@ them back into objects, so only registered types are ever instantiated.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from .errors import RegistrationError, UnknownCommandError, UnknownJobError
+from .retry import DEFAULT_RETRY_POLICY, DEFAULT_TIME_LIMIT, RetryPolicy, TypeOptions, check_time_limit
 
 if TYPE_CHECKING:
     from .command import Command, CommandHandler
@@ -56,6 +58,9 @@ class _TypeTable(Generic[T]):
                 f"unknown {self._kind} ({name!r}, {version}); {have}", name=name, version=version
             ) from None
 
+    def find(self, name: str, version: int) -> T | None:
+        return self._types.get((name, version))
+
     def versions(self, name: str) -> list[int]:
         return sorted(v for (n, v) in self._types if n == name)
 
@@ -74,7 +79,10 @@ class JobRegistry:
     (pass ``registry=`` when defining the class).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, retry_policy: RetryPolicy | None = None, time_limit: timedelta | None = None) -> None:
+        #: The retry policy and time limit of every type that sets none (class options override them).
+        self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
+        self.time_limit = check_time_limit(time_limit or DEFAULT_TIME_LIMIT)
         self._jobs: _TypeTable[type[Job]] = _TypeTable("job", UnknownJobError)
         self._commands: _TypeTable[type[Command]] = _TypeTable("command", UnknownCommandError)
         self._handlers: dict[tuple[str, int], CommandHandler[Any]] = {}
@@ -96,6 +104,13 @@ class JobRegistry:
 
     def jobs(self) -> list[type[Job]]:
         return [cls for _, _, cls in self._jobs]
+
+    def options_for(self, kind: Literal["job", "command"], name: str, version: int) -> TypeOptions:
+        """The retry policy and time limit of a type; the registry's defaults for an unknown one."""
+        cls: Any = (self._jobs if kind == "job" else self._commands).find(name, version)
+        retry = getattr(cls, "__jobflow_retry__", None) or self.retry_policy
+        time_limit = getattr(cls, "__jobflow_time_limit__", None) or self.time_limit
+        return TypeOptions(retry, time_limit)
 
     # commands
     def register_command(self, cls: type[Command]) -> None:

@@ -17,6 +17,7 @@ from .envelope import CommandEnvelope, JobEnvelope
 from .errors import SchedulingError
 from .execution import JobRunner, run_coroutine_here
 from .job import Job
+from .limits import check_payload_size
 from .names import RUN_JOB_ACTOR, jobs_queue
 from .registry import JobRegistry, default_registry
 from .settings import Settings
@@ -187,6 +188,8 @@ class BrokerJobScheduler:
             message_id=envelope.job_id,
             message_timestamp=now_ms,
         )
+        size = len(message.encode())
+        check_payload_size(size, self.settings.max_payload_bytes, name=envelope.name, version=envelope.version)
         self.broker.enqueue(message, delay=delay_ms or None)
         logger.info(
             "job.scheduled",

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .names import DEFAULT_QUEUE_PREFIX
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
+#: Large data belongs in a store the job reads, not in the broker: 1 MiB per message by default.
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -22,3 +24,6 @@ class Settings(BaseSettings):
     queue_type: Literal["classic", "quorum"] = "classic"
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_payload_bytes: int = Field(
+        default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, description="largest encoded message a scheduler sends"
+    )

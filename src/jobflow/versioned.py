@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 
 from .errors import ConfigurationError
 from .registry import JobRegistry, default_registry
+from .retry import RetryPolicy, check_time_limit
 
 
 class VersionedModel(BaseModel):
@@ -23,6 +25,9 @@ class VersionedModel(BaseModel):
     _kind: ClassVar[str] = "model"
     registry: ClassVar[JobRegistry]
     __jobflow_abstract__: ClassVar[bool] = False
+    #: Class options (``retry=``, ``time_limit=``); None means the registry's default. Subclasses inherit them.
+    __jobflow_retry__: ClassVar[RetryPolicy | None] = None
+    __jobflow_time_limit__: ClassVar[timedelta | None] = None
 
     def __init_subclass__(
         cls,
@@ -31,6 +36,8 @@ class VersionedModel(BaseModel):
         version: int = 1,
         registry: JobRegistry | None = None,
         abstract: bool = False,
+        retry: RetryPolicy | None = None,
+        time_limit: timedelta | None = None,
         **kwargs: Any,
     ) -> None:
         # Consumed here so that object.__init_subclass__ never sees them; registration waits for
@@ -43,6 +50,15 @@ class VersionedModel(BaseModel):
         cls._set_identity(name or cls.__name__, version)
         cls.registry = registry or default_registry
         cls.__jobflow_abstract__ = abstract
+        if retry is not None:
+            if not isinstance(retry, RetryPolicy):
+                raise ConfigurationError(f"{cls.__qualname__}: retry must be a jobflow.RetryPolicy, got {retry!r}")
+            cls.__jobflow_retry__ = retry
+        if time_limit is not None:
+            try:
+                cls.__jobflow_time_limit__ = check_time_limit(time_limit)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{cls.__qualname__}: {exc}") from None
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -18,12 +18,10 @@ from dramatiq.common import q_name
 from dramatiq.errors import DecodeError
 from pydantic import ValidationError
 
-from ..dead_letter import DeadLetter
+from ..dead_letter import REPLAY_OPTION, DeadLetter
 from ..names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
 from .amqp import Delivery
 
-#: Message option where a replay records how often and when the message was replayed.
-REPLAY_OPTION = "jobflow_replay"
 _KINDS = {RUN_JOB_ACTOR: "job", DISPATCH_COMMAND_ACTOR: "command"}
 HEAD_BYTES = 64
 

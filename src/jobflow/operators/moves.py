@@ -24,13 +24,14 @@ import dramatiq
 import pika
 from dramatiq.errors import BrokerConnectionError
 
-from ..dead_letter import dead_letter_queue
+from ..dead_letter import REPLAY_OPTION, dead_letter_queue
 from ..due_time import DUE_OPTION
 from ..errors import UnknownCommandError, UnknownJobError
+from ..failures import FIRST_FAILURE_OPTION
 from ..names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
 from ..registry import JobRegistry
 from .amqp import QueueCounter, acknowledge, broker_error, close_quietly, take
-from .letters import REPLAY_OPTION, DeadLetterView, read_dead_letter
+from .letters import DeadLetterView, read_dead_letter
 from .selection import Selection
 
 #: Returns True to remove the dead letter (acknowledge it), False to leave it where it is.
@@ -38,7 +39,7 @@ Visit = Callable[[DeadLetterView], bool]
 
 #: Options of the failed run that a replay drops: attempts, and the failure series, start again.
 #: (``jobflow_first_failure_ms`` is where the failure handling keeps when the first attempt failed.)
-_RESET_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta", DUE_OPTION, "jobflow_first_failure_ms"})
+_RESET_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta", DUE_OPTION, FIRST_FAILURE_OPTION})
 
 
 def count_dead_letters(conn: pika.BlockingConnection, queues: list[str]) -> dict[str, int]:

@@ -181,7 +181,7 @@ def define_jobs(registry: JobRegistry, runs: list[dict[str, Any]]) -> dict[str, 
         def execute(self, ctx: jobflow.JobContext) -> None:
             runs.append({"n": -1, "at": datetime.now(UTC), "due": ctx.due_at, "attempt": ctx.attempt})
             if ctx.attempt == 1:
-                raise dramatiq.Retry(delay=3000)
+                raise jobflow.TransientError("later", retry_after=timedelta(seconds=3))
 
     return {"Stamp": Stamp, "RetryLater": RetryLater}
 

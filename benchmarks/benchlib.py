@@ -12,15 +12,25 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import dramatiq
 import pika
 import pika.exceptions
 import pika.frame
+from dramatiq.common import current_millis
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
+
+from bench_jobs import BenchDelay
+from jobflow import default_registry
+from jobflow.delays import entry_level, routing_key
+from jobflow.due_time import DUE_OPTION
+from jobflow.names import RUN_JOB_ACTOR, delay_exchange, jobs_queue
+from jobflow.schedulers import make_envelope
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -214,6 +224,26 @@ def bulk_publish(url: str, items: Iterator[Item], total: int, *, window: int = 1
     t0 = time.perf_counter()
     _ConfirmedPublisher(url, items, total, window, timeout).run()
     return total / (time.perf_counter() - t0)
+
+
+def jobflow_items(prefix: str, tag: str, delays: Iterable[int]) -> Iterator[Item]:
+    """Byte for byte what ``BrokerJobScheduler.schedule`` publishes through ``JobflowRabbitmqBroker.enqueue``
+    (job ``n`` waits ``delays[n]`` ms), each stamped ``due_ms`` just before it is handed to pika.
+    """
+    queue = jobs_queue(prefix)
+    for n, delay_ms in enumerate(delays):
+        envelope = make_envelope(BenchDelay(tag=tag, n=n), default_registry, delay=timedelta(milliseconds=delay_ms))
+        now = current_millis()
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=queue,
+            actor_name=RUN_JOB_ACTOR,
+            args=(envelope.to_wire(),),
+            kwargs={},
+            options={DUE_OPTION: now + delay_ms},
+            message_id=envelope.job_id,
+            message_timestamp=now,
+        )
+        yield delay_exchange(prefix, entry_level(delay_ms)), routing_key(delay_ms, queue), message.encode()
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -21,6 +21,7 @@ Then one side-by-side table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from benchlib import (
     Item,
     WorkerProcess,
     bulk_publish,
+    jobflow_items,
     load_average,
     percentile,
     queue_table,
@@ -47,12 +49,9 @@ from benchlib import (
     temporary_vhost,
     wait_for_consumers,
 )
-from jobflow import BrokerJobScheduler, Settings, default_registry
-from jobflow.delays import entry_level, routing_key
-from jobflow.due_time import DUE_OPTION
+from jobflow import BrokerJobScheduler, Settings
 from jobflow.log_config import configure_logging
-from jobflow.names import RUN_JOB_ACTOR, delay_exchange, jobs_queue
-from jobflow.schedulers import make_envelope
+from jobflow.names import jobs_queue
 from recording import FILLER, PRECISION, PROBE, RAW_ACTOR, RAW_QUEUE, RecordReader
 
 HOUR_MS = 3_600_000
@@ -107,24 +106,7 @@ class JobflowSide:
         self.scheduler.schedule(BenchDelay(tag=tag, n=n), delay=timedelta(milliseconds=delay_ms))
 
     def filler(self, count: int, delay_ms: int) -> Iterator[Item]:
-        """What ``BrokerJobScheduler.schedule`` and ``JobflowRabbitmqBroker.enqueue`` publish."""
-        queue = jobs_queue(PREFIX)
-        exchange, key = delay_exchange(PREFIX, entry_level(delay_ms)), routing_key(delay_ms, queue)
-        for n in range(count):
-            envelope = make_envelope(
-                BenchDelay(tag=FILLER, n=n), default_registry, delay=timedelta(milliseconds=delay_ms)
-            )
-            now = current_millis()
-            message: dramatiq.Message[Any] = dramatiq.Message(
-                queue_name=queue,
-                actor_name=RUN_JOB_ACTOR,
-                args=(envelope.to_wire(),),
-                kwargs={},
-                options={DUE_OPTION: now + delay_ms},
-                message_id=envelope.job_id,
-                message_timestamp=now,
-            )
-            yield exchange, key, message.encode()
+        return jobflow_items(PREFIX, FILLER, itertools.repeat(delay_ms, count))
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -227,8 +209,8 @@ def run_precision(side: Side, reader: RecordReader, delays: list[int], result: S
 def run_side(side: Side, cfg: Config, delays: list[int], logs: Path) -> SideResult:
     result = SideResult(label=side.label)
     print(f"[{side.name}] load {load_average()}", file=sys.stderr)
-    with temporary_vhost(f"bench-{side.name}") as (vhost, url), tempfile.TemporaryDirectory() as tmp:
-        results = Path(tmp) / "results.jsonl"
+    with temporary_vhost(f"bench-{side.name}") as (vhost, url):
+        results = logs / f"{side.name}-results.jsonl"
         reader = RecordReader(str(results))
         side.open(url)
         log_path = logs / f"{side.name}-worker.log"
@@ -350,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         f"precision: {cfg.jobs:,} jobs, delays uniform over 0-{cfg.spread_ms / 1000:g} s (seed {cfg.seed});"
         f" starvation and memory: N = {cfg.filler:,} pending one-hour jobs",
         f"load average (1/5/15 min): {load_before} at start, {load_average()} at end; {time.monotonic() - t0:.0f} s;"
-        f" {sys.platform}, worker logs in {logs}",
+        f" {sys.platform}, worker logs and records in {logs}",
         "",
     ]
     print_table(cfg, jobflow_result, dramatiq_result, header)

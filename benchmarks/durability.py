@@ -212,7 +212,7 @@ def report(cfg: Config, records: list[dict[str, Any]], windows: list[Window], le
         ("ran at least once", f"{len(first):,} / {cfg.jobs:,}"),
         ("messages left in the vhost", f"{leftover:,.0f}"),
         ("executions beyond the first", f"{len(records) - len(first):,}"),
-        ("started before due", f"{sum(1 for x in normal if x < 0):,}"),
+        ("started before due", f"{sum(1 for r in first.values() if r['started_ms'] < r['due_ms']):,}"),
         ("not hit by an outage: lateness", dist(normal)),
     ]
     rows += [(f"pending or due while {w.what}: late beyond its end", dist(after[w.what])) for w in windows]

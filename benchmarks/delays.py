@@ -50,6 +50,7 @@ from benchlib import (
     wait_for_consumers,
 )
 from jobflow import BrokerJobScheduler, Settings
+from jobflow.delays import QueueType
 from jobflow.log_config import configure_logging
 from jobflow.names import jobs_queue
 from recording import FILLER, PRECISION, PROBE, RAW_ACTOR, RAW_QUEUE, RecordReader
@@ -78,9 +79,11 @@ class Side(Protocol):
 
 
 class JobflowSide:
-    name, label = "jobflow", "jobflow"
+    name = "jobflow"
 
-    def __init__(self) -> None:
+    def __init__(self, queue_type: QueueType = "classic") -> None:
+        self.queue_type: QueueType = queue_type
+        self.label = "jobflow" if queue_type == "classic" else f"jobflow ({queue_type})"
         self.scheduler: BrokerJobScheduler | None = None
 
     def worker_args(self, threads: int) -> list[str]:
@@ -90,6 +93,7 @@ class JobflowSide:
         return {
             "JOBFLOW_BROKER_URL": url,
             "JOBFLOW_QUEUE_PREFIX": PREFIX,
+            "JOBFLOW_QUEUE_TYPE": self.queue_type,
             "JOBFLOW_LOG_FORMAT": "json",
             "BENCH_RESULTS": str(results),
         }
@@ -98,7 +102,7 @@ class JobflowSide:
         return [jobs_queue(PREFIX)]
 
     def open(self, url: str) -> None:
-        self.settings = Settings(broker_url=url, queue_prefix=PREFIX)
+        self.settings = Settings(broker_url=url, queue_prefix=PREFIX, queue_type=self.queue_type)
         self.scheduler = BrokerJobScheduler(settings=self.settings)  # declares the queue and the ladder
 
     def schedule(self, tag: str, n: int, delay_ms: int) -> None:
@@ -181,6 +185,7 @@ class Config:
     cap_s: float
     threads: int
     seed: int
+    queue_type: QueueType
 
 
 def wait_records(reader: RecordReader, tag: str, count: int, deadline: float) -> dict[int, dict[str, Any]]:
@@ -302,6 +307,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--cap", type=float, help="seconds to wait for the 1 s job past its due time (default 60)")
     parser.add_argument("--threads", type=int, default=8, help="worker threads (default 8, Dramatiq's default)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--queue-type", choices=["classic", "quorum"], default="classic", help="jobflow's queues")
     args = parser.parse_args(argv)
     quick = args.quick
     return Config(
@@ -311,6 +317,7 @@ def parse_args(argv: list[str] | None) -> Config:
         cap_s=args.cap or (20 if quick else 60),
         threads=args.threads,
         seed=args.seed,
+        queue_type=args.queue_type,
     )
 
 
@@ -322,13 +329,13 @@ def main(argv: list[str] | None = None) -> None:
     logs = Path(tempfile.mkdtemp(prefix="jobflow-bench-"))
     started, load_before = datetime.now(UTC), load_average()
     t0 = time.monotonic()
-    jobflow_result = run_side(JobflowSide(), cfg, delays, logs)
+    jobflow_result = run_side(JobflowSide(cfg.queue_type), cfg, delays, logs)
     dramatiq_result = run_side(DramatiqSide(), cfg, delays, logs)
     version = rabbitmqctl("eval", "rabbit_misc:version().").strip().strip('"')
     header = [
         f"Delays: jobflow (TTL ladder in RabbitMQ) vs Dramatiq native delay= -- {started:%Y-%m-%d %H:%M} UTC",
-        f"RabbitMQ {version} on 127.0.0.1, classic queues, one vhost per side; workers: dramatiq -p 1 -t {cfg.threads}"
-        f" (Dramatiq's delay-queue prefetch: {cfg.threads * 1000:,})",
+        f"RabbitMQ {version} on 127.0.0.1, jobflow on {cfg.queue_type} queues, one vhost per side;"
+        f" workers: dramatiq -p 1 -t {cfg.threads} (Dramatiq's delay-queue prefetch: {cfg.threads * 1000:,})",
         f"precision: {cfg.jobs:,} jobs, delays uniform over 0-{cfg.spread_ms / 1000:g} s (seed {cfg.seed});"
         f" starvation and memory: N = {cfg.filler:,} pending one-hour jobs",
         f"load average (1/5/15 min): {load_before} at start, {load_average()} at end; {time.monotonic() - t0:.0f} s;"

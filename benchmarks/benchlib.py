@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import dramatiq
@@ -57,15 +57,22 @@ def temporary_vhost(label: str) -> Iterator[tuple[str, str]]:
         rabbitmqctl("delete_vhost", vhost)
 
 
-def queue_table(vhost: str) -> dict[str, tuple[int, int, int]]:
-    """``name -> (ready, unacknowledged, consumers)`` for every queue of the vhost."""
-    out = rabbitmqctl("list_queues", "-p", vhost, "--no-table-headers", "name", "messages_ready",
-                      "messages_unacknowledged", "consumers")  # fmt: skip
-    table: dict[str, tuple[int, int, int]] = {}
+class QueueCounts(NamedTuple):
+    messages: int  # all of them: with quorum queues, also those held back for at-least-once dead-lettering
+    ready: int
+    unacked: int
+    consumers: int
+
+
+def queue_table(vhost: str) -> dict[str, QueueCounts]:
+    """Every queue of the vhost with its counts, as ``rabbitmqctl list_queues`` reports them."""
+    columns = ["name", "messages", "messages_ready", "messages_unacknowledged", "consumers"]
+    out = rabbitmqctl("list_queues", "-p", vhost, "--no-table-headers", *columns)
+    table: dict[str, QueueCounts] = {}
     for line in out.splitlines():
         parts = line.split("\t")
-        if len(parts) == 4:
-            table[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+        if len(parts) == len(columns):
+            table[parts[0]] = QueueCounts(*(int(p) for p in parts[1:]))
     return table
 
 

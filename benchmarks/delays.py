@@ -229,7 +229,7 @@ def run_side(side: Side, cfg: Config, delays: list[int], logs: Path) -> SideResu
             print(f"[{side.name}] publishing {cfg.filler:,} one-hour jobs", file=sys.stderr)
             result.filler_rate = bulk_publish(url, side.filler(cfg.filler, HOUR_MS), cfg.filler)
             result.rss_loaded_mb = worker.settled_rss_mib() * 1.048576
-            result.held_unacked = sum(unacked for _, unacked, _ in queue_table(vhost).values())
+            result.held_unacked = sum(q.unacked for q in queue_table(vhost).values())
             print(f"[{side.name}] starvation probe (1 s), waiting up to {cfg.cap_s:.0f} s", file=sys.stderr)
             side.schedule(PROBE, 0, PROBE_DELAY_MS)
             probe = wait_records(reader, PROBE, 1, time.monotonic() + PROBE_DELAY_MS / 1000 + cfg.cap_s)

@@ -64,6 +64,7 @@ class Config:
     bulk: bool
     seed: int
     queue_type: QueueType
+    wait_s: float
 
 
 @dataclass
@@ -128,8 +129,8 @@ class Bench:
         """Count what waits in the ladder and what any consumer holds, then start the outage's clock."""
         table = queue_table(self.vhost)
         ladder = set(delay_queues(PREFIX))
-        window.pending = sum(ready + unacked for name, (ready, unacked, _) in table.items() if name in ladder)
-        window.unacked = sum(unacked for _, unacked, _ in table.values())
+        window.pending = sum(q.messages for name, q in table.items() if name in ladder)
+        window.unacked = sum(q.unacked for q in table.values())
         time.sleep(SETTLE_S)
         window.start_ms = now_ms()
         self.windows.append(window)
@@ -158,7 +159,7 @@ class Bench:
             self.broker_stopped = False
 
     def wait_all(self, reader: RecordReader) -> None:
-        deadline = time.monotonic() + self.cfg.max_s + 60
+        deadline = time.monotonic() + self.cfg.max_s + self.cfg.wait_s
         while len({r["n"] for r in reader.poll()}) < self.cfg.jobs and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(2)  # late duplicates
@@ -198,7 +199,7 @@ def run(cfg: Config, logs: Path) -> Outcome:
                     bench.restart_broker()
                     print("RabbitMQ restarted", file=sys.stderr)
                 bench.wait_all(reader)
-                leftover = sum(ready + unacked for ready, unacked, _ in queue_table(vhost).values())
+                leftover = sum(q.messages for q in queue_table(vhost).values())
             finally:
                 worker.stop()
         finally:
@@ -229,7 +230,7 @@ def report(cfg: Config, out: Outcome) -> list[str]:
     worst = f" (max {max(late):,.0f} ms)" if late else ""
     rows = [
         ("ran at least once", f"{len(first):,} / {cfg.jobs:,}"),
-        ("messages left in the vhost", f"{out.leftover:,}"),
+        ("messages left in the vhost (at the end)", f"{out.leftover:,}"),
         ("executions beyond the first", f"{len(out.records) - len(first):,}"),
         ("started before due", f"{sum(1 for r in first.values() if r['started_ms'] < r['due_ms']):,}"),
         ("not caught by an outage: lateness", _dist(normal)),
@@ -252,6 +253,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--bulk", action="store_true", help="publish with many confirms in flight")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--queue-type", choices=["classic", "quorum"], default="classic", help="jobflow's queues")
+    parser.add_argument("--wait", type=float, default=60.0, help="s to wait for stragglers past the last due time")
     a = parser.parse_args(argv)
     return Config(
         jobs=a.jobs,
@@ -264,6 +266,7 @@ def parse_args(argv: list[str] | None) -> Config:
         bulk=a.bulk,
         seed=a.seed,
         queue_type=a.queue_type,
+        wait_s=a.wait,
     )
 
 

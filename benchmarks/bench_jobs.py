@@ -22,5 +22,10 @@ class BenchDelay(jobflow.Job, name="BenchDelay", version=1):
         message = CurrentMessage.get_current_message()
         options = message.options if message is not None else {}
         due = options.get(DUE_OPTION)
-        due_ms = float(due) if isinstance(due, int) else ctx.due_at.timestamp() * 1000
+        if isinstance(due, int):
+            due_ms = float(due)
+        elif ctx.due_at is not None:
+            due_ms = ctx.due_at.timestamp() * 1000
+        else:
+            raise RuntimeError("a benchmark job without a due time")
         record("jobflow", self.tag, self.n, due_ms, options.get(ARRIVED_OPTION))

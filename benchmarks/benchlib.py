@@ -83,7 +83,7 @@ def consumer_count(url: str, queue: str) -> int:
     except pika.exceptions.AMQPError:
         return 0
     try:
-        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+        return connection.channel().queue_declare(queue, passive=True).method.consumer_count or 0
     except pika.exceptions.ChannelClosedByBroker:
         return 0
     finally:
@@ -170,7 +170,7 @@ class _ConfirmedPublisher:
         self.channel: Channel | None = None
         self.connection = SelectConnection(
             pika.URLParameters(url),
-            on_open_callback=lambda c: c.channel(on_open_callback=self._on_channel),
+            on_open_callback=self._on_open,
             on_open_error_callback=lambda _c, exc: self._fail(f"connection failed: {exc!r}"),
             on_close_callback=lambda _c, _exc: self.connection.ioloop.stop(),
         )
@@ -189,6 +189,9 @@ class _ConfirmedPublisher:
             self.connection.close()
         elif not self.connection.is_closing:
             self.connection.ioloop.stop()
+
+    def _on_open(self, connection: Any) -> None:
+        connection.channel(on_open_callback=self._on_channel)
 
     def _on_channel(self, channel: Channel) -> None:
         self.channel = channel

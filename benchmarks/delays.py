@@ -174,7 +174,6 @@ class SideResult:
     held_unacked: int = 0
     filler_rate: float = 0.0
     probe_lateness: float | None = None
-    worker_log: str = ""
 
 
 @dataclass(frozen=True)
@@ -219,7 +218,6 @@ def run_side(side: Side, cfg: Config, delays: list[int], logs: Path) -> SideResu
         reader = RecordReader(str(results))
         side.open(url)
         log_path = logs / f"{side.name}-worker.log"
-        result.worker_log = str(log_path)
         worker = WorkerProcess(side.worker_args(cfg.threads), side.worker_env(url, results), log_path)
         try:
             wait_for_consumers(url, side.consumed_queues())

@@ -20,7 +20,15 @@ import pytest
 import jobflow
 from jobflow import JobRegistry, Settings
 from jobflow.delays import MAX_DELAY_MS, DelayTopology, entry_level, levels_visited, routing_key
-from jobflow.names import DELAY_LEVELS, delay_exchange, delay_queue, delay_queues, jobs_queue, unroutable_queue
+from jobflow.names import (
+    DELAY_LEVELS,
+    delay_exchange,
+    delay_queue,
+    delay_queues,
+    jobs_queue,
+    next_exchange,
+    unroutable_queue,
+)
 
 from .conftest import delete_declared
 from .helpers import tracked_worker, wait
@@ -148,8 +156,42 @@ class TestRouting:
         """Leaving level k for the exchange below, a delay of 2**k + 1 passes every zero bit into level 0, then out."""
         dest = jobs_queue(amqp_settings.queue_prefix)
         body = uuid.uuid4().bytes
-        # As if the message had just expired from level `level`: it arrives at the exchange below.
-        channel.basic_publish(delay_exchange(topology.prefix, level - 1), routing_key(2**level + 1, dest), body)
+        # As if the message had just expired from level `level`: it arrives at that level's next exchange.
+        channel.basic_publish(next_exchange(topology.prefix, level), routing_key(2**level + 1, dest), body)
+        assert drain(amqp_settings.broker_url, dest, 1) == [body]
+
+    def test_expired_message_goes_straight_to_its_next_set_bit(
+        self,
+        amqp_settings: Settings,
+        topology: DelayTopology,
+        channel: pika.adapters.blocking_connection.BlockingChannel,
+    ) -> None:
+        """Leaving level k, one routing step puts a message into the level of its next set bit (12 to 36)."""
+        dest = jobs_queue(amqp_settings.queue_prefix)
+        pairs = [(37, 36), (37, 12), (30, 29), (20, 13), (13, 12)]
+        for expired, below in pairs:
+            delay = 2**expired + 2**below
+            channel.basic_publish(next_exchange(topology.prefix, expired), routing_key(delay, dest), b"x")
+        found = counts(amqp_settings.broker_url, delay_queues(topology.prefix))
+        assert {q: n for q, n in found.items() if n} == {
+            delay_queue(topology.prefix, 36): 1,
+            delay_queue(topology.prefix, 29): 1,
+            delay_queue(topology.prefix, 13): 1,
+            delay_queue(topology.prefix, 12): 2,
+        }
+
+    @pytest.mark.parametrize("level", [0, 1, 12, 37])
+    def test_expired_message_with_no_bit_below_is_delivered(
+        self,
+        amqp_settings: Settings,
+        topology: DelayTopology,
+        channel: pika.adapters.blocking_connection.BlockingChannel,
+        level: int,
+    ) -> None:
+        """Leaving level k with no set bit below it, a message goes straight to its destination."""
+        dest = jobs_queue(amqp_settings.queue_prefix)
+        body = uuid.uuid4().bytes
+        channel.basic_publish(next_exchange(topology.prefix, level), routing_key(2**level, dest), body)
         assert drain(amqp_settings.broker_url, dest, 1) == [body]
 
     def test_unroutable_delivery_is_kept(
@@ -159,7 +201,7 @@ class TestRouting:
         channel: pika.adapters.blocking_connection.BlockingChannel,
     ) -> None:
         """A delayed message whose destination queue is gone lands in the unroutable queue, not nowhere."""
-        channel.basic_publish(delay_exchange(topology.prefix, 0), routing_key(1, "no.such.queue"), b"lost?")
+        channel.basic_publish(next_exchange(topology.prefix, 0), routing_key(1, "no.such.queue"), b"lost?")
         assert drain(amqp_settings.broker_url, unroutable_queue(topology.prefix), 1) == [b"lost?"]
 
     def test_declare_is_idempotent(

@@ -82,6 +82,7 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         self.url = url
         self.settings = settings
         self.topology = DelayTopology(settings.queue_prefix, settings.queue_type)
+        self._ladder_declared = False
 
     def __repr__(self) -> str:
         return f"JobflowRabbitmqBroker({redact_url(self.url)!r})"
@@ -105,9 +106,12 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         return arguments | queue_type_arguments(self.settings.queue_type)
 
     def _declare_queue(self, queue_name: str) -> Any:
-        # Runs whenever Dramatiq (re)declares a work queue: the ladder comes with it, idempotently.
+        # Runs whenever Dramatiq (re)declares a work queue: the ladder comes with it, idempotently,
+        # once per broker until a publish fails (the ladder may be gone: declare it again).
         result = super()._declare_queue(queue_name)  # type: ignore[no-untyped-call]
-        self.topology.declare(self.channel)
+        if not self._ladder_declared:
+            self.topology.declare(self.channel)
+            self._ladder_declared = True
         self.topology.bind_destination(self.channel, queue_name)
         return result
 
@@ -136,6 +140,7 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
                 # As Dramatiq does for direct publishes: a fresh connection, the queue declared again.
                 del self.connection
                 self.queues_pending.add(queue_name)
+                self._ladder_declared = False
                 attempts += 1
                 if attempts >= MAX_ENQUEUE_ATTEMPTS:
                     raise ConnectionClosed(exc) from None

@@ -2,9 +2,9 @@
 
 Level ``k`` is a queue whose messages expire after exactly ``2**k`` ms. A delayed message carries
 its delay in binary in its routing key (``b37.b36....b0.<destination queue>``) and enters at the
-level of its highest set bit. When it expires there it is dead-lettered to the exchange of the
-level below, whose bindings send it into that level's queue if its bit is 1, or on down the ladder
-if it is 0, until the delivery exchange routes it to its destination queue. A message so visits
+level of its highest set bit. When it expires there it is dead-lettered to that level's "next"
+exchange, whose bindings send it in one routing step into the level of its next set bit, or, when
+no bit below is set, to the delivery exchange, which routes it to its destination queue. A message so visits
 only the levels of its set bits, waits nowhere but in durable broker queues (nothing is held by a
 worker, nothing is lost by a worker restart), and its total wait is the sum of those TTLs: its
 delay to the millisecond, plus the time of the hops.
@@ -24,6 +24,7 @@ from .names import (
     delay_exchange,
     delay_queue,
     delivery_exchange,
+    next_exchange,
     unroutable_queue,
 )
 
@@ -53,9 +54,19 @@ def levels_visited(delay_ms: int) -> list[int]:
     return [k for k in reversed(range(DELAY_LEVELS)) if delay_ms >> k & 1]
 
 
-def _bit_pattern(level: int, bit: str) -> str:
+def _entry_pattern(level: int) -> str:
     # Word i of the routing key holds bit DELAY_LEVELS-1-i; '#' matches the destination's words.
-    return "*." * (DELAY_LEVELS - 1 - level) + bit + ".#"
+    return "*." * (DELAY_LEVELS - 1 - level) + "1.#"
+
+
+def _next_level_pattern(expired: int, below: int) -> str:
+    """Leaving level ``expired``: bits between it and ``below`` are 0 and bit ``below`` is 1."""
+    return "*." * (DELAY_LEVELS - expired) + "0." * (expired - 1 - below) + "1.#"
+
+
+def _done_pattern(expired: int) -> str:
+    """Leaving level ``expired`` with no set bit below it: the delay is over."""
+    return "*." * (DELAY_LEVELS - expired) + "0." * expired + "#"
 
 
 def _destination_pattern(queue_name: str) -> str:
@@ -72,7 +83,7 @@ def queue_type_arguments(queue_type: QueueType) -> dict[str, Any]:
 def _delay_queue_arguments(level: int, prefix: str, queue_type: QueueType) -> dict[str, Any]:
     args: dict[str, Any] = {
         "x-message-ttl": 2**level,
-        "x-dead-letter-exchange": delay_exchange(prefix, level - 1) if level > 0 else delivery_exchange(prefix),
+        "x-dead-letter-exchange": next_exchange(prefix, level),
         **queue_type_arguments(queue_type),
     }
     if queue_type == "quorum":
@@ -99,14 +110,22 @@ class DelayTopology:
             delivery_exchange(p), exchange_type=_TOPIC, durable=True, arguments={"alternate-exchange": unroutable}
         )
         for level in range(DELAY_LEVELS):
-            exchange = delay_exchange(p, level)
-            channel.exchange_declare(exchange, exchange_type=_TOPIC, durable=True)
+            channel.exchange_declare(delay_exchange(p, level), exchange_type=_TOPIC, durable=True)
+            channel.exchange_declare(next_exchange(p, level), exchange_type=_TOPIC, durable=True)
             channel.queue_declare(
                 delay_queue(p, level), durable=True, arguments=_delay_queue_arguments(level, p, self.queue_type)
             )
-            channel.queue_bind(delay_queue(p, level), exchange, routing_key=_bit_pattern(level, "1"))
-            below = delay_exchange(p, level - 1) if level > 0 else delivery_exchange(p)
-            channel.exchange_bind(destination=below, source=exchange, routing_key=_bit_pattern(level, "0"))
+            channel.queue_bind(delay_queue(p, level), delay_exchange(p, level), routing_key=_entry_pattern(level))
+        for level in range(DELAY_LEVELS):
+            # One routing step from an expired level to the next set bit's level (or out): an
+            # exchange chain, one hop per zero bit, made bursts of expiries late by hundreds of ms.
+            for below in range(level):
+                channel.queue_bind(
+                    delay_queue(p, below), next_exchange(p, level), routing_key=_next_level_pattern(level, below)
+                )
+            channel.exchange_bind(
+                destination=delivery_exchange(p), source=next_exchange(p, level), routing_key=_done_pattern(level)
+            )
 
     def bind_destination(self, channel: BlockingChannel, queue_name: str) -> None:
         """Let messages whose delay has passed reach ``queue_name``."""
@@ -117,6 +136,7 @@ class DelayTopology:
         for level in range(DELAY_LEVELS):
             channel.queue_delete(delay_queue(self.prefix, level))
             channel.exchange_delete(delay_exchange(self.prefix, level))
+            channel.exchange_delete(next_exchange(self.prefix, level))
         channel.exchange_delete(delivery_exchange(self.prefix))
         channel.queue_delete(unroutable_queue(self.prefix))
         channel.exchange_delete(unroutable_queue(self.prefix))

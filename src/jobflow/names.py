@@ -32,6 +32,11 @@ def delay_exchange(prefix: str, level: int) -> str:
     return f"{prefix}.delay.L{level:02d}"
 
 
+def next_exchange(prefix: str, level: int) -> str:
+    """Where a message expiring from level ``level`` is dead-lettered, to reach its next level."""
+    return f"{prefix}.delay.L{level:02d}.next"
+
+
 def delivery_exchange(prefix: str) -> str:
     """Where a message whose delay has passed is routed to its destination queue."""
     return f"{prefix}.delay.deliver"

@@ -94,6 +94,7 @@ class JobflowSide:
             "JOBFLOW_BROKER_URL": url,
             "JOBFLOW_QUEUE_PREFIX": PREFIX,
             "JOBFLOW_QUEUE_TYPE": self.queue_type,
+            "JOBFLOW_DELAY_QUEUE_TYPE": self.queue_type,
             "JOBFLOW_LOG_FORMAT": "json",
             "BENCH_RESULTS": str(results),
         }
@@ -102,7 +103,9 @@ class JobflowSide:
         return [jobs_queue(PREFIX)]
 
     def open(self, url: str) -> None:
-        self.settings = Settings(broker_url=url, queue_prefix=PREFIX, queue_type=self.queue_type)
+        self.settings = Settings(
+            broker_url=url, queue_prefix=PREFIX, queue_type=self.queue_type, delay_queue_type=self.queue_type
+        )
         self.scheduler = BrokerJobScheduler(settings=self.settings)  # declares the queue and the ladder
 
     def schedule(self, tag: str, n: int, delay_ms: int) -> None:

@@ -99,13 +99,19 @@ class Bench:
         return self.logs / "results.jsonl"
 
     def settings(self) -> Settings:
-        return Settings(broker_url=self.url, queue_prefix=PREFIX, queue_type=self.cfg.queue_type)
+        return Settings(
+            broker_url=self.url,
+            queue_prefix=PREFIX,
+            queue_type=self.cfg.queue_type,
+            delay_queue_type=self.cfg.queue_type,
+        )
 
     def start_worker(self, index: int) -> WorkerProcess:
         env = {
             "JOBFLOW_BROKER_URL": self.url,
             "JOBFLOW_QUEUE_PREFIX": PREFIX,
             "JOBFLOW_QUEUE_TYPE": self.cfg.queue_type,
+            "JOBFLOW_DELAY_QUEUE_TYPE": self.cfg.queue_type,
             "JOBFLOW_LOG_FORMAT": "json",
             "BENCH_RESULTS": str(self.results),
         }

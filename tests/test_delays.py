@@ -368,12 +368,30 @@ class TestQuorum:
             types = queue_types(rabbitmq_url)
             ours = {q: t for q, t in types.items() if q.startswith(settings.queue_prefix + ".")}
             assert ours[jobs_queue(settings.queue_prefix)] == "quorum"
+            assert ours[jobs_queue(settings.queue_prefix) + ".XQ"] == "quorum"
             assert {ours[q] for q in delay_queues(settings.queue_prefix)} == {"quorum"}
         finally:
             delete_declared(rabbitmq_url, settings)
 
 
 class TestTopologyCommand:
+    @pytest.mark.parametrize(
+        ("extra", "work", "ladder"),
+        [([], "classic", "quorum"), (["--delay-queue-type", "classic"], "classic", "classic")],
+    )
+    def test_queue_types(self, amqp_settings: Settings, extra: list[str], work: str, ladder: str) -> None:
+        """Work queues are classic and the ladder quorum by default (at-least-once hops); both can be chosen."""
+        from click.testing import CliRunner
+
+        from jobflow.cli import main
+
+        args = ["topology", "declare", "--broker", amqp_settings.broker_url, "--prefix", amqp_settings.queue_prefix]
+        result = CliRunner().invoke(main, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        types = queue_types(amqp_settings.broker_url)
+        assert types[jobs_queue(amqp_settings.queue_prefix)] == work
+        assert {types[q] for q in delay_queues(amqp_settings.queue_prefix)} == {ladder}
+
     def test_declare_creates_queues_and_ladder(self, amqp_settings: Settings) -> None:
         """`jobflow topology declare` declares the work queues and every delay level, and can run twice."""
         from click.testing import CliRunner

@@ -81,7 +81,7 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         self.parameters = [params]
         self.url = url
         self.settings = settings
-        self.topology = DelayTopology(settings.queue_prefix, settings.queue_type)
+        self.topology = DelayTopology(settings.queue_prefix, settings.delay_queue_type)
         self._ladder_declared = False
 
     def __repr__(self) -> str:

@@ -95,7 +95,7 @@ def _delay_queue_arguments(level: int, prefix: str, queue_type: QueueType) -> di
 class DelayTopology:
     """Declares the ladder for one queue prefix; every declaration is idempotent."""
 
-    def __init__(self, prefix: str, queue_type: QueueType = "classic") -> None:
+    def __init__(self, prefix: str, queue_type: QueueType = "quorum") -> None:
         self.prefix = prefix
         self.queue_type = queue_type
 

@@ -29,9 +29,20 @@ def topology() -> None:
     default="classic",
     show_default=True,
 )
-def declare(broker_url: str | None, prefix: str, queue_type: str) -> None:
+@click.option(
+    "--delay-queue-type",
+    envvar="JOBFLOW_DELAY_QUEUE_TYPE",
+    type=click.Choice(["classic", "quorum"]),
+    default="quorum",
+    show_default=True,
+)
+def declare(broker_url: str | None, prefix: str, queue_type: str, delay_queue_type: str) -> None:
     """Declare the work queues, their dead-letter queues and the delay ladder (idempotent)."""
-    settings = Settings(queue_prefix=prefix, queue_type=cast(QueueType, queue_type))
+    settings = Settings(
+        queue_prefix=prefix,
+        queue_type=cast(QueueType, queue_type),
+        delay_queue_type=cast(QueueType, delay_queue_type),
+    )
     if broker_url:
         settings = settings.model_copy(update={"broker_url": broker_url})
     broker = create_broker(settings)
@@ -51,7 +62,7 @@ def declare(broker_url: str | None, prefix: str, queue_type: str) -> None:
     finally:
         broker.close()
     click.echo(
-        f"declared on {redact_url(settings.broker_url)} ({queue_type} queues): "
-        f"{', '.join(queues)} with their .XQ dead-letter queues; "
-        f"{DELAY_LEVELS} delay levels {prefix}.delay.L00-L{DELAY_LEVELS - 1}; {delivery_exchange(prefix)}"
+        f"declared on {redact_url(settings.broker_url)}: {', '.join(queues)} with their .XQ dead-letter"
+        f" queues ({queue_type}); {DELAY_LEVELS} delay levels {prefix}.delay.L00-L{DELAY_LEVELS - 1}"
+        f" ({delay_queue_type}); {delivery_exchange(prefix)}"
     )

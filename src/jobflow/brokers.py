@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import dramatiq
 import pika
 import pika.exceptions
+from dramatiq.broker import Consumer
 from dramatiq.brokers.rabbitmq import MAX_ENQUEUE_ATTEMPTS, RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import q_name
@@ -26,6 +27,7 @@ from .errors import ConfigurationError, SchedulingError
 from .failures import Failures
 from .limits import JobTimeLimit
 from .names import delay_exchange
+from .retime import LadderRetimer
 from .settings import Settings
 
 # Connection tuning that keeps a worker healthy, unless the URL sets it.
@@ -83,6 +85,8 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         self.settings = settings
         self.topology = DelayTopology(settings.queue_prefix, settings.delay_queue_type)
         self._ladder_declared = False
+        self.retimer = LadderRetimer(self.parameters, settings.queue_prefix)
+        self._consumed: set[str] = set()
 
     def __repr__(self) -> str:
         return f"JobflowRabbitmqBroker({redact_url(self.url)!r})"
@@ -100,6 +104,15 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
     ) -> None:
         """Publish a dead letter to ``<source_queue>.XQ``, confirmed; raises if it was not."""
         publish_dead_letter(self, source_queue, body, record, headers)
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        consumer = super().consume(queue_name, prefetch, timeout)
+        # Dramatiq consumes a queue again only after a connection error; RabbitMQ may have been down,
+        # and whatever expired in the ladder meanwhile would run late by the outage: re-time it.
+        if queue_name in self._consumed:
+            self.retimer.trigger()
+        self._consumed.add(queue_name)
+        return consumer
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
         arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)  # type: ignore[no-untyped-call]

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import cast
 
 import click
+import pika
 
 from .brokers import JobflowRabbitmqBroker, create_broker, redact_url
 from .delays import QueueType
 from .names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
+from .retime import retime_ladder
 from .settings import Settings
 
 BROKER_ERROR_EXIT = 4
@@ -66,3 +68,27 @@ def declare(broker_url: str | None, prefix: str, queue_type: str, delay_queue_ty
         f" queues ({queue_type}); {DELAY_LEVELS} delay levels {prefix}.delay.L00-L{DELAY_LEVELS - 1}"
         f" ({delay_queue_type}); {delivery_exchange(prefix)}"
     )
+
+
+@topology.command()
+@click.option("--broker", "broker_url", envvar="JOBFLOW_BROKER_URL", help="amqp://... (default JOBFLOW_BROKER_URL)")
+@click.option("--prefix", envvar="JOBFLOW_QUEUE_PREFIX", default="jobflow", show_default=True)
+def retime(broker_url: str | None, prefix: str) -> None:
+    """Give every job waiting in the delay ladder the delay it has left (after a broker outage).
+
+    Workers do this by themselves when they reconnect; run it after a restart of RabbitMQ while no
+    worker was running.
+    """
+    settings = Settings(queue_prefix=prefix)
+    if broker_url:
+        settings = settings.model_copy(update={"broker_url": broker_url})
+    try:
+        result = retime_ladder(pika.URLParameters(settings.broker_url), prefix)
+    except Exception as exc:
+        click.echo(
+            f"error: cannot re-time the ladder on {redact_url(settings.broker_url)}: {exc!r}\n"
+            "check that RabbitMQ runs, the URL and credentials; what was done is kept, run it again",
+            err=True,
+        )
+        raise SystemExit(BROKER_ERROR_EXIT) from exc
+    click.echo(f"re-timed {result.retimed}, delivered {result.delivered} that were due, left {result.left}")

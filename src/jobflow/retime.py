@@ -1,0 +1,138 @@
+"""Re-timing the delay ladder after a broker outage.
+
+A level's TTL counts from a message's arrival in it. Messages whose level expired while RabbitMQ
+was down move on only when it is back, and then wait their remaining levels in full: each would
+run late by up to the length of the outage. Every jobflow message carries its due time
+(``options.due_ms``), so the ladder can be put right: take each waiting message, publish it again
+(confirmed) with the delay it has left (or straight to its queue when it is due), and only then
+acknowledge the original. A crash midway leaves a message in the ladder or re-timed, possibly
+both (a duplicate), never neither.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pika
+import pika.exceptions
+import structlog
+from dramatiq.common import current_millis
+
+from .delays import MAX_DELAY_MS, entry_level, routing_key
+from .due_time import DUE_OPTION
+from .names import DELAY_LEVELS, delay_exchange, delay_queue, delivery_exchange
+
+logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+
+
+@dataclass
+class RetimeResult:
+    """How many waiting messages were moved to the level their remaining delay needs, delivered
+    because they were due, or left where they were (no due time: not a jobflow message)."""
+
+    retimed: int = 0
+    delivered: int = 0
+    left: int = 0
+
+
+def _due_ms(body: bytes) -> int | None:
+    try:
+        due = json.loads(body).get("options", {}).get(DUE_OPTION)
+    except (ValueError, AttributeError):
+        return None
+    return due if isinstance(due, int) and not isinstance(due, bool) else None
+
+
+def _destination(key: str) -> str:
+    # The routing key is DELAY_LEVELS bit words, then the destination queue's name (which may hold dots).
+    parts = key.split(".", DELAY_LEVELS)
+    return parts[DELAY_LEVELS] if len(parts) > DELAY_LEVELS else ""
+
+
+class LadderRetimer:
+    """Re-times the ladder in a background thread each time a worker's consumer comes back after a
+    connection error (a broker restart is one), at most once per ``min_interval_s``."""
+
+    def __init__(self, parameters: Any, prefix: str, min_interval_s: float = 10.0) -> None:
+        self.parameters = parameters
+        self.prefix = prefix
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._thread: threading.Thread | None = None
+
+    def trigger(self) -> bool:
+        """Start a re-timing unless one runs or ran just now; True if one was started."""
+        with self._lock:
+            busy = self._thread is not None and self._thread.is_alive()
+            if busy or time.monotonic() - self._last < self.min_interval_s:
+                return False
+            self._last = time.monotonic()
+            self._thread = threading.Thread(target=self._run, name="jobflow-retime", daemon=True)
+            self._thread.start()
+            return True
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            result = retime_ladder(self.parameters, self.prefix)
+        except Exception as exc:
+            logger.warning("ladder.retime_failed", error_type=type(exc).__name__, error=str(exc))
+        else:
+            logger.info("ladder.retimed", retimed=result.retimed, delivered=result.delivered, left=result.left)
+
+
+def retime_ladder(parameters: Any, prefix: str) -> RetimeResult:
+    """Re-time every message waiting in ``prefix``'s ladder (see the module's docstring)."""
+    result = RetimeResult()
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        # Upwards: a message re-timed lands in a level at or below its own, one already done.
+        for level in range(DELAY_LEVELS):
+            queue = delay_queue(prefix, level)
+            try:
+                waiting = channel.queue_declare(queue, passive=True).method.message_count or 0
+            except pika.exceptions.ChannelClosedByBroker:
+                channel = connection.channel()
+                channel.confirm_delivery()
+                continue
+            # At most what the level held when we reached it, so the walk ends.
+            for _ in range(waiting):
+                method, properties, body = channel.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                _retime_one(
+                    channel, prefix, method=method, properties=properties, body=cast(bytes, body), result=result
+                )
+    finally:
+        if connection.is_open:
+            connection.close()
+    return result
+
+
+def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body: bytes, result: RetimeResult) -> None:
+    due, destination = _due_ms(body), _destination(method.routing_key)
+    if due is None or not destination:
+        channel.basic_nack(method.delivery_tag, requeue=True)
+        result.left += 1
+        return
+    remaining = min(due - current_millis(), MAX_DELAY_MS)
+    headers = {k: v for k, v in (properties.headers or {}).items() if k != "x-death"}
+    props = pika.BasicProperties(delivery_mode=2, headers=headers or None)
+    if remaining <= 0:
+        channel.basic_publish(delivery_exchange(prefix), routing_key(0, destination), body, props, mandatory=True)
+        result.delivered += 1
+    else:
+        exchange = delay_exchange(prefix, entry_level(remaining))
+        channel.basic_publish(exchange, routing_key(remaining, destination), body, props, mandatory=True)
+        result.retimed += 1
+    channel.basic_ack(method.delivery_tag)

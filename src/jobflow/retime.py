@@ -53,25 +53,28 @@ def _destination(key: str) -> str:
     return parts[DELAY_LEVELS] if len(parts) > DELAY_LEVELS else ""
 
 
+#: Seconds after a reconnect at which the ladder is swept. After a restart RabbitMQ forwards what
+#: expired during the outage over several seconds (quorum dead-lettering retries its hops), and
+#: each such message re-enters the ladder late: later sweeps catch those.
+SWEEPS_AFTER_RECONNECT_S = (0.0, 5.0)
+
+
 class LadderRetimer:
     """Re-times the ladder in a background thread each time a worker's consumer comes back after a
-    connection error (a broker restart is one), at most once per ``min_interval_s``."""
+    connection error (a broker restart is one): a few sweeps, at most one series at a time."""
 
-    def __init__(self, parameters: Any, prefix: str, min_interval_s: float = 10.0) -> None:
+    def __init__(self, parameters: Any, prefix: str, sweeps_at_s: tuple[float, ...] = SWEEPS_AFTER_RECONNECT_S) -> None:
         self.parameters = parameters
         self.prefix = prefix
-        self.min_interval_s = min_interval_s
+        self.sweeps_at_s = sweeps_at_s
         self._lock = threading.Lock()
-        self._last = float("-inf")
         self._thread: threading.Thread | None = None
 
     def trigger(self) -> bool:
         """Start a re-timing unless one runs or ran just now; True if one was started."""
         with self._lock:
-            busy = self._thread is not None and self._thread.is_alive()
-            if busy or time.monotonic() - self._last < self.min_interval_s:
+            if self._thread is not None and self._thread.is_alive():
                 return False
-            self._last = time.monotonic()
             self._thread = threading.Thread(target=self._run, name="jobflow-retime", daemon=True)
             self._thread.start()
             return True
@@ -81,12 +84,21 @@ class LadderRetimer:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        try:
-            result = retime_ladder(self.parameters, self.prefix)
-        except Exception as exc:
-            logger.warning("ladder.retime_failed", error_type=type(exc).__name__, error=str(exc))
-        else:
-            logger.info("ladder.retimed", retimed=result.retimed, delivered=result.delivered, left=result.left)
+        start = time.monotonic()
+        for at in self.sweeps_at_s:
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            try:
+                result = retime_ladder(self.parameters, self.prefix)
+            except Exception as exc:
+                logger.warning("ladder.retime_failed", error_type=type(exc).__name__, error=str(exc))
+            else:
+                logger.info(
+                    "ladder.retimed",
+                    retimed=result.retimed,
+                    delivered=result.delivered,
+                    left=result.left,
+                    sweep_at_s=at,
+                )
 
 
 def retime_ladder(parameters: Any, prefix: str) -> RetimeResult:

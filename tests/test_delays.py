@@ -324,6 +324,29 @@ class TestDelayedJobs:
             broker.enqueue(message, delay=MAX_DELAY_MS + 1)
         broker.close()
 
+    def test_fraction_of_a_millisecond_rounds_up(self, amqp_settings: Settings) -> None:
+        """A delay under 1 ms waits 1 ms in level 0 rather than failing."""
+        broker = jobflow.create_broker(amqp_settings)
+        queue = jobs_queue(amqp_settings.queue_prefix)
+        message: dramatiq.Message[None] = dramatiq.Message(
+            queue_name=queue, actor_name="x", args=(), kwargs={}, options={}
+        )
+        broker.enqueue(message, delay=0.5)  # type: ignore[arg-type]
+        broker.close()
+        assert len(drain(amqp_settings.broker_url, queue, 1, timeout=5)) == 1
+
+    def test_ladder_of_another_type_is_a_clear_error(self, amqp_settings: Settings) -> None:
+        """A ladder declared with another queue type than the setting asks for is a ConfigurationError."""
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_settings.broker_url))
+        try:
+            DelayTopology(amqp_settings.queue_prefix, "classic").declare(connection.channel())
+        finally:
+            connection.close()
+        broker = jobflow.create_broker(amqp_settings)  # quorum ladder by default
+        with pytest.raises(jobflow.ConfigurationError, match="JOBFLOW_DELAY_QUEUE_TYPE='quorum'"):
+            broker.declare_queue(jobs_queue(amqp_settings.queue_prefix), ensure=True)  # type: ignore[call-arg]
+        broker.close()
+
     def test_message_carries_its_due_time(self, registry: JobRegistry, amqp_settings: Settings) -> None:
         """A delayed message's options carry due_ms, its due time in epoch milliseconds."""
         jobs = define_jobs(registry, [])

@@ -104,7 +104,16 @@ class TestScreen:
 
     @pytest.mark.parametrize(
         "options",
-        [{"retries": -1}, {"retries": "3"}, {"retries": True}, {"due_ms": 1.5}, {"eta": "soon"}, {"eta": float("inf")}],
+        [
+            {"retries": -1},
+            {"retries": "3"},
+            {"retries": True},
+            {"due_ms": 1.5},
+            {"eta": "soon"},
+            {"eta": float("inf")},
+            {"throws": "ValueError"},
+            {"throws": ["x"]},
+        ],
     )
     def test_options_the_worker_reads_are_checked(self, options: dict[str, Any]) -> None:
         """Options jobflow or Dramatiq read must have usable types, or the message is refused."""

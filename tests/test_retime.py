@@ -75,6 +75,15 @@ class TestRetimeLadder:
         assert (result.retimed, result.delivered, result.left) == (0, 0, 1)
         assert count(amqp_settings.broker_url, delay_queue(prefix, 20)) == 1
 
+    def test_message_without_due_time_does_not_hide_the_others(self, amqp_settings: Settings, ladder: Any) -> None:
+        """A message left alone stays unacked until its level is done, so those behind it are re-timed."""
+        prefix = amqp_settings.queue_prefix
+        park(ladder, prefix, parked_ms=2**20, due_ms=None, text="first")
+        park(ladder, prefix, parked_ms=2**20, due_ms=current_millis() - 1, text="second")
+        result = retime_ladder(pika.URLParameters(amqp_settings.broker_url), prefix)
+        assert (result.delivered, result.left) == (1, 1)
+        assert count(amqp_settings.broker_url, delay_queue(prefix, 20)) == 1
+
     def test_far_message_keeps_its_place_in_time(self, amqp_settings: Settings, ladder: Any) -> None:
         """A message due in an hour is re-timed to about an hour: the level of its remaining delay."""
         prefix = amqp_settings.queue_prefix

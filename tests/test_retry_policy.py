@@ -179,3 +179,10 @@ class TestClassOptions:
 
             class Bad(jobflow.Job, registry=registry, **options):
                 pass
+
+
+class TestBackoffOverflow:
+    def test_thousands_of_attempts_stay_at_the_cap(self) -> None:
+        """A retry count whose exponential step overflows a float waits the cap, it does not crash."""
+        policy = jobflow.RetryPolicy(max_attempts=5000, jitter=0.0)
+        assert policy.delay(3000) == policy.max_backoff

@@ -5,6 +5,7 @@ All pika connection tuning lives here.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -123,7 +124,17 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         # once per broker until a publish fails (the ladder may be gone: declare it again).
         result = super()._declare_queue(queue_name)  # type: ignore[no-untyped-call]
         if not self._ladder_declared:
-            self.topology.declare(self.channel)
+            try:
+                self.topology.declare(self.channel)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:  # PRECONDITION_FAILED: the ladder exists with other arguments
+                    raise
+                del self.channel
+                raise ConfigurationError(
+                    f"the delay ladder of prefix {self.settings.queue_prefix!r} exists with other arguments"
+                    f" than JOBFLOW_DELAY_QUEUE_TYPE={self.settings.delay_queue_type!r} asks for ({exc.reply_text});"
+                    " set the type it was declared with, or move its messages and delete it"
+                ) from exc
             self._ladder_declared = True
         self.topology.bind_destination(self.channel, queue_name)
         return result
@@ -131,7 +142,7 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         if not delay or delay <= 0:
             return super().enqueue(message)
-        delay = int(delay)
+        delay = math.ceil(delay)  # never shorter than asked: 0.5 ms waits 1 ms
         if delay > MAX_DELAY_MS:
             raise SchedulingError(f"a delay can be at most {MAX_DELAY_MS} ms (about 8.7 years), got {delay} ms")
         queue_name = q_name(message.queue_name)

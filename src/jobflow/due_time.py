@@ -16,6 +16,8 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
+from .delays import MAX_DELAY_MS
+
 DUE_OPTION = "due_ms"
 
 
@@ -48,12 +50,13 @@ class DueTime(Middleware):
             return
         logger.warning("message.early", message_id=message.message_id, early_ms=early, queue=message.queue_name)
         try:
-            broker.enqueue(message.copy(), delay=early)
+            broker.enqueue(message.copy(), delay=min(early, MAX_DELAY_MS))
         except Exception:
-            # Not delayed again (broker trouble): wait here rather than run early or lose it.
+            # Not delayed again (broker trouble): neither run it early nor hold a thread for its
+            # delay; failed, it is rejected, and RabbitMQ dead-letters it with its x-death header.
             logger.exception("message.early_requeue_failed", message_id=message.message_id)
-            time.sleep(early / 1000)
-            return
+            message.fail()
+            raise SkipMessage(f"{early} ms early and could not be delayed again: rejected") from None
         raise SkipMessage(f"{early} ms early: delayed again")
 
 

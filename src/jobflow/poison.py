@@ -112,6 +112,10 @@ def _misfit(wire: _WireMessage, actors: Any) -> Poison | None:
 
 
 def _option_problem(options: dict[str, Any]) -> str | None:
+    if "throws" in options:
+        # Dramatiq's worker evaluates isinstance(exc, options["throws"]): JSON cannot carry an
+        # exception class, and anything else kills the worker thread and loses the message.
+        return f"option 'throws' cannot come from the wire, got {options['throws']!r}"
     for key in _INT_OPTIONS:
         value = options.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

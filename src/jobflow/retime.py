@@ -117,26 +117,31 @@ def retime_ladder(parameters: Any, prefix: str) -> RetimeResult:
                 channel = connection.channel()
                 channel.confirm_delivery()
                 continue
-            # At most what the level held when we reached it, so the walk ends.
+            # At most what the level held when we reached it, so the walk ends. What is left alone
+            # stays unacked until the level is done: requeued at once, it would come back first.
+            kept: list[int] = []
             for _ in range(waiting):
                 method, properties, body = channel.basic_get(queue, auto_ack=False)
                 if method is None:
                     break
-                _retime_one(
+                if not _retime_one(
                     channel, prefix, method=method, properties=properties, body=cast(bytes, body), result=result
-                )
+                ):
+                    kept.append(cast(int, method.delivery_tag))
+            for tag in kept:
+                channel.basic_nack(tag, requeue=True)
+            result.left += len(kept)
     finally:
         if connection.is_open:
             connection.close()
     return result
 
 
-def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body: bytes, result: RetimeResult) -> None:
+def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body: bytes, result: RetimeResult) -> bool:
+    """Publish one waiting message again with the delay it has left; False if it has no due time."""
     due, destination = _due_ms(body), _destination(method.routing_key)
     if due is None or not destination:
-        channel.basic_nack(method.delivery_tag, requeue=True)
-        result.left += 1
-        return
+        return False
     remaining = min(due - current_millis(), MAX_DELAY_MS)
     headers = {k: v for k, v in (properties.headers or {}).items() if k != "x-death"}
     props = pika.BasicProperties(delivery_mode=2, headers=headers or None)
@@ -148,3 +153,4 @@ def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body
         channel.basic_publish(exchange, routing_key(remaining, destination), body, props, mandatory=True)
         result.retimed += 1
     channel.basic_ack(method.delivery_tag)
+    return True

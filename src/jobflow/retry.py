@@ -87,8 +87,11 @@ class RetryPolicy:
 
     def delay(self, retry: int, *, rng: random.Random | None = None) -> timedelta:
         """The backoff before retry number ``retry`` (1 for the first retry), jitter included."""
-        step = self.backoff.total_seconds() * self.multiplier ** max(0, retry - 1)
-        step = min(self.max_backoff.total_seconds(), step)
+        cap = self.max_backoff.total_seconds()
+        try:
+            step = min(cap, self.backoff.total_seconds() * self.multiplier ** max(0, retry - 1))
+        except OverflowError:  # thousands of attempts: long past the cap
+            step = cap
         return timedelta(seconds=step * (1 - self.jitter * (rng or random).random()))
 
     def verdict(self, exc: BaseException) -> Verdict:

@@ -10,10 +10,15 @@ import pika
 from .brokers import JobflowRabbitmqBroker, create_broker, redact_url
 from .delays import QueueType
 from .names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
+from .operators.errors import EXIT_BROKER
 from .retime import retime_ladder
 from .settings import Settings
 
-BROKER_ERROR_EXIT = 4
+
+def _broker_failure(what: str, url: str, exc: Exception, hint: str) -> SystemExit:
+    """Say what failed, with the URL's password masked, and end with the broker-error exit code."""
+    click.echo(f"error: cannot {what} on {redact_url(url)}: {exc!r}\ncheck that RabbitMQ runs, {hint}", err=True)
+    return SystemExit(EXIT_BROKER)
 
 
 @click.group()
@@ -55,12 +60,8 @@ def declare(broker_url: str | None, prefix: str, queue_type: str, delay_queue_ty
         for queue in queues:
             broker.declare_queue(queue, ensure=True)
     except Exception as exc:
-        click.echo(
-            f"error: cannot declare on {redact_url(settings.broker_url)}: {exc!r}\n"
-            "check that RabbitMQ runs, the URL and credentials, and that the user may configure this vhost",
-            err=True,
-        )
-        raise SystemExit(BROKER_ERROR_EXIT) from exc
+        hint = "the URL and credentials, and that the user may configure this vhost"
+        raise _broker_failure("declare", settings.broker_url, exc, hint) from exc
     finally:
         broker.close()
     click.echo(
@@ -85,10 +86,6 @@ def retime(broker_url: str | None, prefix: str) -> None:
     try:
         result = retime_ladder(pika.URLParameters(settings.broker_url), prefix)
     except Exception as exc:
-        click.echo(
-            f"error: cannot re-time the ladder on {redact_url(settings.broker_url)}: {exc!r}\n"
-            "check that RabbitMQ runs, the URL and credentials; what was done is kept, run it again",
-            err=True,
-        )
-        raise SystemExit(BROKER_ERROR_EXIT) from exc
+        hint = "the URL and credentials; what was done is kept, run it again"
+        raise _broker_failure("re-time the ladder", settings.broker_url, exc, hint) from exc
     click.echo(f"re-timed {result.retimed}, delivered {result.delivered} that were due, left {result.left}")

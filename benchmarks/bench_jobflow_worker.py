@@ -14,7 +14,7 @@ from dramatiq.middleware import Middleware
 
 import bench_jobs
 from jobflow.actors import broker
-from jobflow.due_time import DueTime
+from jobflow.middleware.due_time import DueTime
 
 
 class Arrival(Middleware):

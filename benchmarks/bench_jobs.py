@@ -5,7 +5,7 @@ from __future__ import annotations
 from dramatiq.middleware import CurrentMessage
 
 import jobflow
-from jobflow.due_time import DUE_OPTION
+from jobflow.middleware.due_time import DUE_OPTION
 from recording import record
 
 #: Set by the worker's Arrival middleware, before jobflow's early guard can hold the message back.

@@ -27,9 +27,9 @@ from pika.channel import Channel
 
 from bench_jobs import BenchDelay
 from jobflow import default_registry
-from jobflow.delays import entry_level, routing_key
-from jobflow.due_time import DUE_OPTION
-from jobflow.names import RUN_JOB_ACTOR, delay_exchange, jobs_queue
+from jobflow.broker.ladder import entry_level, routing_key
+from jobflow.broker.names import RUN_JOB_ACTOR, delay_exchange, jobs_queue
+from jobflow.middleware.due_time import DUE_OPTION
 from jobflow.schedulers import make_envelope
 
 HERE = Path(__file__).resolve().parent

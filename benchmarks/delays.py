@@ -50,9 +50,9 @@ from benchlib import (
     wait_for_consumers,
 )
 from jobflow import BrokerJobScheduler, Settings
-from jobflow.delays import QueueType
+from jobflow.broker.ladder import QueueType
+from jobflow.broker.names import jobs_queue
 from jobflow.log_config import configure_logging
-from jobflow.names import jobs_queue
 from recording import FILLER, PRECISION, PROBE, RAW_ACTOR, RAW_QUEUE, RecordReader
 
 HOUR_MS = 3_600_000

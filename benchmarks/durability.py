@@ -42,9 +42,9 @@ from benchlib import (
     wait_for_consumers,
 )
 from jobflow import BrokerJobScheduler, Settings
-from jobflow.delays import QueueType
+from jobflow.broker.ladder import QueueType
+from jobflow.broker.names import delay_queues, jobs_queue
 from jobflow.log_config import configure_logging
-from jobflow.names import delay_queues, jobs_queue
 from recording import DURABILITY, RecordReader
 
 PREFIX = "durable"

@@ -20,8 +20,8 @@ import pika.exceptions
 import pytest
 
 from jobflow import JobRegistry, Settings
-from jobflow.delays import DelayTopology
-from jobflow.names import commands_queue, jobs_queue
+from jobflow.broker.ladder import DelayTopology
+from jobflow.broker.names import commands_queue, jobs_queue
 
 AMQP_URL = os.environ.get("JOBFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REQUIRE_RABBITMQ = os.environ.get("CI") == "true" or os.environ.get("JOBFLOW_REQUIRE_RABBITMQ") == "1"

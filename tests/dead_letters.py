@@ -25,8 +25,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 import jobflow
 from jobflow import Job, Settings
+from jobflow.broker.names import RUN_JOB_ACTOR, commands_queue, jobs_queue
 from jobflow.dead_letter import HEADER, DeadLetter, Reason, dead_letter_queue
-from jobflow.names import RUN_JOB_ACTOR, commands_queue, jobs_queue
 from jobflow.schedulers import make_envelope
 
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import dramatiq
 
 from jobflow import InProcessWorker, JobRegistry, Settings
-from jobflow.tracking import OutcomeTracker
+from jobflow.testing import OutcomeTracker
 
 
 @contextmanager

@@ -9,8 +9,8 @@ import pytest
 import structlog
 
 from jobflow import Settings
+from jobflow.broker.names import commands_queue, jobs_queue
 from jobflow.dead_letter import dead_letter_queue
-from jobflow.names import commands_queue, jobs_queue
 
 from .cli_helpers import ROOT, run_cli, run_json
 from .dead_letters import DeadLetters, dead_letters

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from jobflow import Settings
-from jobflow.names import jobs_queue
+from jobflow.broker.names import jobs_queue
 
 from .cli_helpers import ROOT, run_cli, run_json
 from .dead_letters import dead_letters

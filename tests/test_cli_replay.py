@@ -18,9 +18,9 @@ import structlog
 
 import jobflow
 from jobflow import JobRegistry, Settings
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
+from jobflow.cli.output import progress
 from jobflow.dead_letter import dead_letter_queue
-from jobflow.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
-from jobflow.operators.output import progress
 
 from .cli_helpers import ROOT, run_cli, run_json
 from .dead_letters import DeadLetters, close_cli_connections, dead_letters, job_message, record_for
@@ -221,7 +221,7 @@ class TestReplayIsLossFree:
 
                 yield step
 
-        monkeypatch.setattr("jobflow.operators.cli_dead_letters.progress", progress_killing_half_way)
+        monkeypatch.setattr("jobflow.cli.dead_letters.progress", progress_killing_half_way)
         first = _replay(amqp_settings, "--all")
         assert killed == [2]  # the one reading dead letters and the one publishing them
         assert first.exit_code == 4, first.output

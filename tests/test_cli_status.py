@@ -11,7 +11,7 @@ import structlog
 
 import jobflow
 from jobflow import Settings
-from jobflow.names import DELAY_LEVELS
+from jobflow.broker.names import DELAY_LEVELS
 
 from .cli_helpers import ROOT, run_cli, run_json
 from .dead_letters import dead_letters

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from jobflow.operators.errors import UsageProblem
-from jobflow.operators.timespec import parse_duration, parse_since, parse_time, to_millis
+from jobflow.cli.errors import UsageProblem
+from jobflow.cli.timespec import parse_duration, parse_since, parse_time, to_millis
 
 
 class TestParseDuration:

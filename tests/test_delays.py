@@ -19,8 +19,8 @@ import pytest
 
 import jobflow
 from jobflow import JobRegistry, Settings
-from jobflow.delays import MAX_DELAY_MS, DelayTopology, entry_level, levels_visited, routing_key
-from jobflow.names import (
+from jobflow.broker.ladder import MAX_DELAY_MS, DelayTopology, entry_level, levels_visited, routing_key
+from jobflow.broker.names import (
     DELAY_LEVELS,
     delay_exchange,
     delay_queue,

@@ -12,7 +12,7 @@ from dramatiq.common import current_millis
 
 import jobflow
 from jobflow import JobRegistry, Settings
-from jobflow.names import RUN_JOB_ACTOR
+from jobflow.broker.names import RUN_JOB_ACTOR
 from jobflow.schedulers import make_envelope
 
 from .helpers import tracked_worker, wait

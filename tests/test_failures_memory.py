@@ -13,11 +13,11 @@ from dramatiq.middleware import CurrentMessage
 
 import jobflow
 from jobflow import JobRegistry, RetryPolicy, Settings
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
 from jobflow.dead_letter import REPLAY_OPTION, DeadLetter
-from jobflow.failures import FIRST_FAILURE_OPTION, dead_letter_record
-from jobflow.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.middleware.failures import FIRST_FAILURE_OPTION, dead_letter_record
 from jobflow.schedulers import make_envelope
-from jobflow.tracking import OutcomeTracker
+from jobflow.testing import OutcomeTracker
 
 from .helpers import tracked_worker, wait
 

@@ -23,9 +23,9 @@ import pytest
 
 import jobflow
 from jobflow import JobRegistry, RetryPolicy, Settings
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
 from jobflow.dead_letter import dead_letter_queue
-from jobflow.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
-from jobflow.tracking import OutcomeTracker
+from jobflow.testing import OutcomeTracker
 
 from .faults import (
     Delivery,

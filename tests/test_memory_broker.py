@@ -12,7 +12,7 @@ import pytest
 
 import jobflow
 from jobflow import JobRegistry, Settings
-from jobflow.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
 
 from .helpers import tracked_worker, wait
 

@@ -18,7 +18,7 @@ import pytest
 
 import jobflow
 from jobflow import JobRegistry, Settings
-from jobflow.names import DISPATCH_COMMAND_ACTOR, jobs_queue
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, jobs_queue
 
 from .helpers import tracked_worker, wait
 from .worker_app import TouchFile, WriteFileCommand

@@ -15,9 +15,9 @@ from dramatiq.common import current_millis
 
 import jobflow
 from jobflow import JobRegistry, Settings
-from jobflow.delays import DelayTopology, entry_level, routing_key
-from jobflow.names import delay_exchange, delay_queue, jobs_queue
-from jobflow.retime import retime_ladder
+from jobflow.broker.ladder import DelayTopology, entry_level, routing_key
+from jobflow.broker.names import delay_exchange, delay_queue, jobs_queue
+from jobflow.broker.retimer import retime_ladder
 
 from .faults import close_connections
 from .helpers import tracked_worker, wait

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .brokers import create_broker, memory_broker, redact_url
-from .command import Command, command_handler
-from .context import CommandBus, CommandContext, JobContext
-from .envelope import CommandEnvelope, JobEnvelope
-from .errors import (
+from jobflow.broker.rabbitmq import create_broker, memory_broker, redact_url
+from jobflow.command import Command, command_handler
+from jobflow.context import CommandBus, CommandContext, JobContext
+from jobflow.envelope import CommandEnvelope, JobEnvelope
+from jobflow.errors import (
     ConfigurationError,
     InvalidPayloadError,
     JobflowError,
@@ -17,14 +17,14 @@ from .errors import (
     UnknownCommandError,
     UnknownJobError,
 )
-from .job import Job
-from .log_config import configure_logging
-from .publish_command import PublishCommandJob
-from .registry import JobRegistry, default_registry
-from .retry import RetryPolicy
-from .schedulers import MAX_DELAY, BrokerJobScheduler, InstantJobScheduler, JobScheduler
-from .settings import Settings
-from .worker import InProcessWorker, declare_actors
+from jobflow.job import Job
+from jobflow.log_config import configure_logging
+from jobflow.publish_command import PublishCommandJob
+from jobflow.registry import JobRegistry, default_registry
+from jobflow.retry import RetryPolicy
+from jobflow.schedulers import MAX_DELAY, BrokerJobScheduler, InstantJobScheduler, JobScheduler
+from jobflow.settings import Settings
+from jobflow.worker import InProcessWorker, declare_actors
 
 __version__ = "0.1.0"
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dramatiq
 import structlog
 
-from .brokers import create_broker, redact_url
-from .log_config import configure_logging
-from .settings import Settings
-from .worker import declare_actors
+from jobflow.broker.rabbitmq import create_broker, redact_url
+from jobflow.log_config import configure_logging
+from jobflow.settings import Settings
+from jobflow.worker import declare_actors
 
 settings = Settings()
 configure_logging(settings.log_format, settings.log_level)

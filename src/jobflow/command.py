@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from .registry import JobRegistry
-from .versioned import VersionedModel
+from jobflow.registry import JobRegistry
+from jobflow.versioned import VersionedModel
 
 if TYPE_CHECKING:
-    from .context import CommandContext
+    from jobflow.context import CommandContext
 
 C = TypeVar("C", bound="Command")
 CommandHandler = Callable[[C, "CommandContext"], Any | Awaitable[Any]]

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from .envelope import CommandEnvelope
+from jobflow.envelope import CommandEnvelope
 
 
 class CommandBus(Protocol):

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import InvalidPayloadError
+from jobflow.errors import InvalidPayloadError
 
 
 class _Envelope(BaseModel):

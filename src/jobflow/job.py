@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
-from .errors import ConfigurationError
-from .versioned import VersionedModel
+from jobflow.errors import ConfigurationError
+from jobflow.versioned import VersionedModel
 
 if TYPE_CHECKING:
-    from .context import JobContext
+    from jobflow.context import JobContext
 
 
 class Job(VersionedModel, abstract=True):

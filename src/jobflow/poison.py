@@ -18,8 +18,8 @@ from dramatiq.common import current_millis
 from dramatiq.message import Message, generate_unique_id
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .dead_letter import Reason
-from .targets import KINDS, Kind, envelope_identity
+from jobflow.dead_letter import Reason
+from jobflow.middleware.targets import KINDS, Kind, envelope_identity
 
 # Options jobflow or Dramatiq's worker read, and the types they must have.
 _INT_OPTIONS = ("retries", "due_ms", "jobflow_first_failure_ms")

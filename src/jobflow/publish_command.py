@@ -8,11 +8,11 @@ from typing import Any
 
 from pydantic import Field
 
-from .command import Command
-from .context import JobContext
-from .envelope import CommandEnvelope
-from .job import Job
-from .registry import BUILTIN_JOBS
+from jobflow.command import Command
+from jobflow.context import JobContext
+from jobflow.envelope import CommandEnvelope
+from jobflow.job import Job
+from jobflow.registry import BUILTIN_JOBS
 
 # Command ids derive from the job id: a retried PublishCommandJob sends the same command id, so a
 # handler can recognise a duplicate.

@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from .errors import RegistrationError, UnknownCommandError, UnknownJobError
-from .retry import DEFAULT_RETRY_POLICY, DEFAULT_TIME_LIMIT, RetryPolicy, TypeOptions, check_time_limit
+from jobflow.errors import RegistrationError, UnknownCommandError, UnknownJobError
+from jobflow.retry import DEFAULT_RETRY_POLICY, DEFAULT_TIME_LIMIT, RetryPolicy, TypeOptions, check_time_limit
 
 if TYPE_CHECKING:
-    from .command import Command, CommandHandler
-    from .job import Job
+    from jobflow.command import Command, CommandHandler
+    from jobflow.job import Job
 
 T = TypeVar("T", bound=type)
 

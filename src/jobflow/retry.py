@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 from dramatiq.errors import Retry
 from dramatiq.middleware import Interrupt, TimeLimitExceeded
 
-from .errors import (
+from jobflow.errors import (
     ConfigurationError,
     InvalidPayloadError,
     PermanentError,

@@ -12,15 +12,15 @@ from typing import Protocol, runtime_checkable
 import dramatiq
 import structlog
 
-from .brokers import create_broker
-from .envelope import CommandEnvelope, JobEnvelope
-from .errors import SchedulingError
-from .execution import JobRunner, run_coroutine_here
-from .job import Job
-from .limits import check_payload_size
-from .names import RUN_JOB_ACTOR, jobs_queue
-from .registry import JobRegistry, default_registry
-from .settings import Settings
+from jobflow.broker.names import RUN_JOB_ACTOR, jobs_queue
+from jobflow.broker.rabbitmq import create_broker
+from jobflow.envelope import CommandEnvelope, JobEnvelope
+from jobflow.errors import SchedulingError
+from jobflow.job import Job
+from jobflow.middleware.time_limit import check_payload_size
+from jobflow.registry import JobRegistry, default_registry
+from jobflow.runner import JobRunner, run_coroutine_here
+from jobflow.settings import Settings
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
 

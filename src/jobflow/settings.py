@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .names import DEFAULT_QUEUE_PREFIX
+from jobflow.broker.names import DEFAULT_QUEUE_PREFIX
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 #: Large data belongs in a store the job reads, not in the broker: 1 MiB per message by default.

@@ -8,9 +8,9 @@ from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import ConfigurationError
-from .registry import JobRegistry, default_registry
-from .retry import RetryPolicy, check_time_limit
+from jobflow.errors import ConfigurationError
+from jobflow.registry import JobRegistry, default_registry
+from jobflow.retry import RetryPolicy, check_time_limit
 
 
 class VersionedModel(BaseModel):

@@ -12,13 +12,13 @@ import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 
-from .due_time import current_due_at
-from .envelope import CommandEnvelope, JobEnvelope
-from .errors import ConfigurationError
-from .execution import JobRunner
-from .names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
-from .registry import JobRegistry, default_registry
-from .settings import Settings
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
+from jobflow.envelope import CommandEnvelope, JobEnvelope
+from jobflow.errors import ConfigurationError
+from jobflow.middleware.due_time import current_due_at
+from jobflow.registry import JobRegistry, default_registry
+from jobflow.runner import JobRunner
+from jobflow.settings import Settings
 
 
 def _attempt() -> int:

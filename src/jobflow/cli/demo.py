@@ -12,15 +12,15 @@ from datetime import timedelta
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from .brokers import redact_url
-from .errors import ConfigurationError
-from .log_config import configure_logging
-from .names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from .publish_command import PublishCommandJob
-from .schedulers import BrokerJobScheduler
-from .settings import Settings
-from .tracking import OutcomeTracker
-from .worker import InProcessWorker
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.broker.rabbitmq import redact_url
+from jobflow.errors import ConfigurationError
+from jobflow.log_config import configure_logging
+from jobflow.publish_command import PublishCommandJob
+from jobflow.schedulers import BrokerJobScheduler
+from jobflow.settings import Settings
+from jobflow.testing import OutcomeTracker
+from jobflow.worker import InProcessWorker
 
 DEMO_TIMEOUT_S = 15.0
 

@@ -9,17 +9,17 @@ from typing import ParamSpec, TypeVar
 
 import click
 
-from ..registry import default_registry
-from ..schedulers import MAX_DELAY
-from .amqp import BROKER_FAILURES, broker_error
-from .cli_commands import json_option
-from .cli_common import Target, broker_options, reports_errors, target
-from .errors import BrokerError, NotFoundError, OperatorError, UsageProblem
-from .letters import DeadLetterView
-from .moves import Collector, MoveReport, Purger, Replayer, Visit, count_dead_letters, walk
-from .output import dead_letter_table, emit_json, progress, show_letter, stdout
-from .selection import Selection, require_target, resolve_queue, work_queues
-from .timespec import parse_duration, parse_since, to_millis
+from jobflow.cli.amqp import BROKER_FAILURES, broker_error
+from jobflow.cli.commands import json_option
+from jobflow.cli.common import Target, broker_options, reports_errors, target
+from jobflow.cli.errors import BrokerError, NotFoundError, OperatorError, UsageProblem
+from jobflow.cli.letters import DeadLetterView
+from jobflow.cli.moves import Collector, MoveReport, Purger, Replayer, Visit, count_dead_letters, walk
+from jobflow.cli.output import dead_letter_table, emit_json, progress, show_letter, stdout
+from jobflow.cli.selection import Selection, require_target, resolve_queue, work_queues
+from jobflow.cli.timespec import parse_duration, parse_since, to_millis
+from jobflow.registry import default_registry
+from jobflow.schedulers import MAX_DELAY
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -31,10 +31,10 @@ import structlog
 from dramatiq.common import current_millis, q_name
 from dramatiq.middleware import Middleware
 
-from .dead_letter import HEADER, REPLAY_OPTION, DeadLetter, Reason
-from .errors import InvalidPayloadError, UnknownCommandError, UnknownJobError
-from .retry import Verdict, is_time_limit, requested_delay
-from .targets import Kind, Target, target_of
+from jobflow.dead_letter import HEADER, REPLAY_OPTION, DeadLetter, Reason
+from jobflow.errors import InvalidPayloadError, UnknownCommandError, UnknownJobError
+from jobflow.middleware.targets import Kind, Target, target_of
+from jobflow.retry import Verdict, is_time_limit, requested_delay
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
 

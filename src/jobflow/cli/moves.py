@@ -24,15 +24,15 @@ import dramatiq
 import pika
 from dramatiq.errors import BrokerConnectionError
 
-from ..dead_letter import REPLAY_OPTION, dead_letter_queue
-from ..due_time import DUE_OPTION
-from ..errors import UnknownCommandError, UnknownJobError
-from ..failures import FIRST_FAILURE_OPTION
-from ..names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from ..registry import JobRegistry
-from .amqp import QueueCounter, acknowledge, broker_error, close_quietly, take
-from .letters import DeadLetterView, read_dead_letter
-from .selection import Selection
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.cli.amqp import QueueCounter, acknowledge, broker_error, close_quietly, take
+from jobflow.cli.letters import DeadLetterView, read_dead_letter
+from jobflow.cli.selection import Selection
+from jobflow.dead_letter import REPLAY_OPTION, dead_letter_queue
+from jobflow.errors import UnknownCommandError, UnknownJobError
+from jobflow.middleware.due_time import DUE_OPTION
+from jobflow.middleware.failures import FIRST_FAILURE_OPTION
+from jobflow.registry import JobRegistry
 
 #: Returns True to remove the dead letter (acknowledge it), False to leave it where it is.
 Visit = Callable[[DeadLetterView], bool]

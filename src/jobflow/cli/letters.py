@@ -18,9 +18,9 @@ from dramatiq.common import q_name
 from dramatiq.errors import DecodeError
 from pydantic import ValidationError
 
-from ..dead_letter import REPLAY_OPTION, DeadLetter
-from ..names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from .amqp import Delivery
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.cli.amqp import Delivery
+from jobflow.dead_letter import REPLAY_OPTION, DeadLetter
 
 _KINDS = {RUN_JOB_ACTOR: "job", DISPATCH_COMMAND_ACTOR: "command"}
 HEAD_BYTES = 64

@@ -19,11 +19,11 @@ from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
-from .dead_letter import HEADER, DeadLetter, dead_letter_queue
-from .failures import new_record
-from .limits import CONSUMER_HEADROOM_BYTES
-from .poison import Poison, screen
-from .settings import DEFAULT_MAX_PAYLOAD_BYTES
+from jobflow.dead_letter import HEADER, DeadLetter, dead_letter_queue
+from jobflow.middleware.failures import new_record
+from jobflow.middleware.time_limit import CONSUMER_HEADROOM_BYTES
+from jobflow.poison import Poison, screen
+from jobflow.settings import DEFAULT_MAX_PAYLOAD_BYTES
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
 

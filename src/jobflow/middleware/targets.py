@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import dramatiq
 
-from .names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from .registry import JobRegistry, default_registry
-from .retry import TypeOptions
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.registry import JobRegistry, default_registry
+from jobflow.retry import TypeOptions
 
 Kind = Literal["job", "command"]
 

@@ -7,12 +7,12 @@ from typing import cast
 import click
 import pika
 
-from .brokers import JobflowRabbitmqBroker, create_broker, redact_url
-from .delays import QueueType
-from .names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
-from .operators.errors import EXIT_BROKER
-from .retime import retime_ladder
-from .settings import Settings
+from jobflow.broker.ladder import QueueType
+from jobflow.broker.names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
+from jobflow.broker.rabbitmq import JobflowRabbitmqBroker, create_broker, redact_url
+from jobflow.broker.retimer import retime_ladder
+from jobflow.cli.errors import EXIT_BROKER
+from jobflow.settings import Settings
 
 
 def _broker_failure(what: str, url: str, exc: Exception, hint: str) -> SystemExit:

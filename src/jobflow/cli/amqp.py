@@ -19,8 +19,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from ..brokers import redact_url
-from .errors import BrokerError
+from jobflow.broker.rabbitmq import redact_url
+from jobflow.cli.errors import BrokerError
 
 #: A person waits for the command line: fail after seconds, not after Dramatiq's minute of retries.
 _CLI_CONNECTION_DEFAULTS = {"connection_attempts": "2", "retry_delay": "1", "socket_timeout": "5", "heartbeat": "60"}

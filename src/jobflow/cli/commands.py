@@ -10,15 +10,15 @@ import click
 from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
-from ..job import Job
-from ..registry import JobRegistry, default_registry
-from ..schedulers import BrokerJobScheduler, resolve_due
-from . import amqp
-from .cli_common import broker_options, import_modules, module_option, reports_errors, target
-from .errors import UsageProblem
-from .output import emit_json, status_table, stdout
-from .status import collect_status
-from .timespec import parse_duration, parse_time
+from jobflow.cli import amqp
+from jobflow.cli.common import broker_options, import_modules, module_option, reports_errors, target
+from jobflow.cli.errors import UsageProblem
+from jobflow.cli.output import emit_json, status_table, stdout
+from jobflow.cli.status import collect_status
+from jobflow.cli.timespec import parse_duration, parse_time
+from jobflow.job import Job
+from jobflow.registry import JobRegistry, default_registry
+from jobflow.schedulers import BrokerJobScheduler, resolve_due
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 

@@ -9,7 +9,7 @@ JobflowError
 
 from __future__ import annotations
 
-from ..errors import JobflowError
+from jobflow.errors import JobflowError
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1

@@ -17,10 +17,10 @@ from typing import Any
 import pika
 from dramatiq.common import dq_name
 
-from ..dead_letter import dead_letter_queue
-from ..names import delay_queues, unroutable_queue
-from .amqp import QueueCounter
-from .selection import work_queues
+from jobflow.broker.names import delay_queues, unroutable_queue
+from jobflow.cli.amqp import QueueCounter
+from jobflow.cli.selection import work_queues
+from jobflow.dead_letter import dead_letter_queue
 
 UNACKED_NOTE = (
     "AMQP reports ready messages and consumers only; for unacked messages use"

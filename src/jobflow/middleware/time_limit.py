@@ -14,8 +14,8 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import TimeLimit
 
-from .errors import SchedulingError
-from .targets import target_of
+from jobflow.errors import SchedulingError
+from jobflow.middleware.targets import target_of
 
 #: What the consumer tolerates over the limit: options middleware stamps on the way (due time,
 #: retry count, delay bookkeeping) after the scheduler measured the message.

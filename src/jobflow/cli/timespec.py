@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-from .errors import UsageProblem
+from jobflow.cli.errors import UsageProblem
 
 _UNITS = {
     "ms": timedelta(milliseconds=1),

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exchange_type import ExchangeType
 
-from .names import (
+from jobflow.broker.names import (
     DELAY_LEVELS,
     delay_exchange,
     delay_queue,

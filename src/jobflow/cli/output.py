@@ -17,8 +17,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .letters import DeadLetterView
-from .status import UNACKED_NOTE, Status
+from jobflow.cli.letters import DeadLetterView
+from jobflow.cli.status import UNACKED_NOTE, Status
 
 #: Off a terminal, wide enough that tables are not squeezed into 80 columns.
 _PIPE_WIDTH = 200

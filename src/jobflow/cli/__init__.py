@@ -1,4 +1,4 @@
-"""The ``jobflow`` command line: each command group's logic lives in ``jobflow.operators``."""
+"""The ``jobflow`` command line: operators' commands, the topology commands and the demo."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import sys
 
 import click
 
-from .operators.cli_commands import jobs, schedule, status
-from .operators.cli_dead_letters import dead_letters
-from .topology_cli import topology
+from jobflow.cli.commands import jobs, schedule, status
+from jobflow.cli.dead_letters import dead_letters
+from jobflow.cli.topology import topology
 
 
 @click.group()
@@ -25,8 +25,8 @@ def main() -> None:
 @click.option("-m", "--module", default="actors", show_default=True, help="The example application's module.")
 def demo(broker_url: str, module: str) -> None:
     """Run EventFlow's examples end to end with an in-process worker."""
-    from .demo import run_demo
-    from .errors import JobflowError
+    from jobflow.cli.demo import run_demo
+    from jobflow.errors import JobflowError
 
     try:
         ok = run_demo(broker_url, module=module)

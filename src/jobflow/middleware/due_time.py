@@ -16,7 +16,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import current_millis
 from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
-from .delays import MAX_DELAY_MS
+from jobflow.broker.ladder import MAX_DELAY_MS
 
 DUE_OPTION = "due_ms"
 

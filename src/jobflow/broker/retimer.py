@@ -22,9 +22,9 @@ import pika.exceptions
 import structlog
 from dramatiq.common import current_millis
 
-from .delays import MAX_DELAY_MS, entry_level, routing_key
-from .due_time import DUE_OPTION
-from .names import DELAY_LEVELS, delay_exchange, delay_queue, delivery_exchange
+from jobflow.broker.ladder import MAX_DELAY_MS, entry_level, routing_key
+from jobflow.broker.names import DELAY_LEVELS, delay_exchange, delay_queue, delivery_exchange
+from jobflow.middleware.due_time import DUE_OPTION
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
 

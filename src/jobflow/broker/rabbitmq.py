@@ -20,16 +20,16 @@ from dramatiq.common import q_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, TimeLimit, default_middleware
 
-from .consumer import JobflowConsumer, declare_dead_letter_queue, publish_dead_letter
-from .dead_letter import DeadLetter
-from .delays import MAX_DELAY_MS, DelayTopology, entry_level, queue_type_arguments, routing_key
-from .due_time import DueTime
-from .errors import ConfigurationError, SchedulingError
-from .failures import Failures
-from .limits import JobTimeLimit
-from .names import delay_exchange
-from .retime import LadderRetimer
-from .settings import Settings
+from jobflow.broker.consumer import JobflowConsumer, declare_dead_letter_queue, publish_dead_letter
+from jobflow.broker.ladder import MAX_DELAY_MS, DelayTopology, entry_level, queue_type_arguments, routing_key
+from jobflow.broker.names import delay_exchange
+from jobflow.broker.retimer import LadderRetimer
+from jobflow.dead_letter import DeadLetter
+from jobflow.errors import ConfigurationError, SchedulingError
+from jobflow.middleware.due_time import DueTime
+from jobflow.middleware.failures import Failures
+from jobflow.middleware.time_limit import JobTimeLimit
+from jobflow.settings import Settings
 
 # Connection tuning that keeps a worker healthy, unless the URL sets it.
 _CONNECTION_DEFAULTS: dict[str, Any] = {

@@ -18,12 +18,12 @@ import dramatiq
 import pika
 from pydantic import ValidationError
 
-from ..brokers import create_broker, redact_url
-from ..errors import ConfigurationError, JobflowError, SchedulingError
-from ..log_config import configure_logging
-from ..settings import Settings
-from . import amqp
-from .errors import EXIT_USAGE, OperatorError, UsageProblem
+from jobflow.broker.rabbitmq import create_broker, redact_url
+from jobflow.cli import amqp
+from jobflow.cli.errors import EXIT_USAGE, OperatorError, UsageProblem
+from jobflow.errors import ConfigurationError, JobflowError, SchedulingError
+from jobflow.log_config import configure_logging
+from jobflow.settings import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")

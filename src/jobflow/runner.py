@@ -18,12 +18,12 @@ import structlog
 from pydantic import ValidationError
 from structlog.contextvars import bound_contextvars
 
-from .command import Command
-from .context import CommandBus, CommandContext, JobContext
-from .envelope import CommandEnvelope, JobEnvelope
-from .errors import InvalidPayloadError, JobflowError, SchedulingError
-from .job import Job
-from .registry import JobRegistry
+from jobflow.command import Command
+from jobflow.context import CommandBus, CommandContext, JobContext
+from jobflow.envelope import CommandEnvelope, JobEnvelope
+from jobflow.errors import InvalidPayloadError, JobflowError, SchedulingError
+from jobflow.job import Job
+from jobflow.registry import JobRegistry
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ..dead_letter import dead_letter_queue
-from ..names import commands_queue, jobs_queue
-from .errors import UsageProblem
-from .letters import DeadLetterView
+from jobflow.broker.names import commands_queue, jobs_queue
+from jobflow.cli.errors import UsageProblem
+from jobflow.cli.letters import DeadLetterView
+from jobflow.dead_letter import dead_letter_queue
 
 
 def work_queues(prefix: str) -> list[str]:

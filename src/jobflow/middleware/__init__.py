@@ -1,0 +1,1 @@
+"""jobflow's Dramatiq middleware, one per module, and the stack they run in."""

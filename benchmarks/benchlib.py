@@ -29,8 +29,8 @@ from bench_jobs import BenchDelay
 from jobflow import default_registry
 from jobflow.broker.ladder import entry_level, routing_key
 from jobflow.broker.names import RUN_JOB_ACTOR, delay_exchange, jobs_queue
+from jobflow.envelope import make_envelope
 from jobflow.middleware.due_time import DUE_OPTION
-from jobflow.schedulers import make_envelope
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -50,8 +50,8 @@ from benchlib import (
     wait_for_consumers,
 )
 from jobflow import BrokerJobScheduler, Settings
-from jobflow.broker.ladder import QueueType
 from jobflow.broker.names import jobs_queue
+from jobflow.broker.queues import QueueType
 from jobflow.log_config import configure_logging
 from recording import FILLER, PRECISION, PROBE, RAW_ACTOR, RAW_QUEUE, RecordReader
 

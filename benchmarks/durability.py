@@ -42,8 +42,8 @@ from benchlib import (
     wait_for_consumers,
 )
 from jobflow import BrokerJobScheduler, Settings
-from jobflow.broker.ladder import QueueType
 from jobflow.broker.names import delay_queues, jobs_queue
+from jobflow.broker.queues import QueueType
 from jobflow.log_config import configure_logging
 from recording import DURABILITY, RecordReader
 

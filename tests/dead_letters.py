@@ -27,7 +27,7 @@ import jobflow
 from jobflow import Job, Settings
 from jobflow.broker.names import RUN_JOB_ACTOR, commands_queue, jobs_queue
 from jobflow.dead_letter import HEADER, DeadLetter, Reason, dead_letter_queue
-from jobflow.schedulers import make_envelope
+from jobflow.envelope import make_envelope
 
 
 def job_message(

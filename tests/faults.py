@@ -16,9 +16,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pika
+import pika.channel
 import pika.exceptions
 import pytest
-from pika.adapters.blocking_connection import BlockingChannel
 
 from jobflow.dead_letter import DeadLetter
 
@@ -58,10 +58,10 @@ def close_connections(vhost: str, port: int | None = None) -> int:
     return closed
 
 
-def local_port(channel: BlockingChannel) -> int:
+def local_port(channel: pika.channel.Channel) -> int:
     """The client port of a channel's connection (pika keeps its socket private)."""
-    impl: Any = channel.connection._impl  # type: ignore[attr-defined]
-    return int(impl._transport._sock.getsockname()[1])
+    connection: Any = channel.connection
+    return int(connection._transport._sock.getsockname()[1])
 
 
 @contextmanager
@@ -71,13 +71,16 @@ def connection_closed_before_publish(
     """Close the publishing connection from the server side right before each matching publish.
 
     Matching is on (routing key, body); at most ``times`` publishes are hit. Yields the routing
-    keys of the publishes that were hit.
+    keys of the publishes that were hit. Patched at pika's own channel, under every adapter: the
+    worker's publisher (a SelectConnection) and blocking channels alike.
     """
-    original = BlockingChannel.basic_publish
+    original = pika.channel.Channel.basic_publish
     hits: list[str] = []
     lock = threading.Lock()
 
-    def publish(self: BlockingChannel, exchange: str, routing_key: str, body: bytes, *args: Any, **kwargs: Any) -> Any:
+    def publish(
+        self: pika.channel.Channel, exchange: str, routing_key: str, body: bytes, *args: Any, **kwargs: Any
+    ) -> Any:
         with lock:
             hit = len(hits) < times and predicate(routing_key, body)
             if hit:
@@ -87,11 +90,11 @@ def connection_closed_before_publish(
             assert close_connections(vhost, port) == 1, f"no connection from port {port} in {vhost}"
         return original(self, exchange, routing_key, body, *args, **kwargs)
 
-    monkeypatch.setattr(BlockingChannel, "basic_publish", publish)
+    monkeypatch.setattr(pika.channel.Channel, "basic_publish", publish)
     try:
         yield hits
     finally:
-        monkeypatch.setattr(BlockingChannel, "basic_publish", original)
+        monkeypatch.setattr(pika.channel.Channel, "basic_publish", original)
 
 
 def is_retry_of(message_id: str | None) -> Predicate:
@@ -178,3 +181,25 @@ def publish_raw(url: str, queue: str, bodies: list[bytes], *, headers: dict[str,
             )
     finally:
         connection.close()
+
+
+def consumer_count(url: str, queue: str) -> int:
+    """How many consumers ``queue`` has; 0 while it does not exist."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count or 0)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return 0
+        raise
+    finally:
+        connection.close()
+
+
+def wait_for_consumer(url: str, queue: str, timeout: float = 60.0) -> None:
+    """Wait until a worker consumes ``queue``: a worker process declares its topology first."""
+    deadline = time.monotonic() + timeout
+    while consumer_count(url, queue) < 1:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no worker consumes {queue} after {timeout:.0f} s")
+        time.sleep(0.1)

@@ -10,6 +10,7 @@ def test_all_is_pinned() -> None:
     assert jobflow.__all__ == [
         "MAX_DELAY",
         "BrokerJobScheduler",
+        "BrokerUnavailableError",
         "Command",
         "CommandBus",
         "CommandContext",

@@ -13,7 +13,7 @@ from dramatiq.common import current_millis
 import jobflow
 from jobflow import JobRegistry, Settings
 from jobflow.broker.names import RUN_JOB_ACTOR
-from jobflow.schedulers import make_envelope
+from jobflow.envelope import make_envelope
 
 from .helpers import tracked_worker, wait
 

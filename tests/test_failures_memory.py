@@ -14,9 +14,8 @@ from dramatiq.middleware import CurrentMessage
 import jobflow
 from jobflow import JobRegistry, RetryPolicy, Settings
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from jobflow.dead_letter import REPLAY_OPTION, DeadLetter
-from jobflow.middleware.failures import FIRST_FAILURE_OPTION, dead_letter_record
-from jobflow.schedulers import make_envelope
+from jobflow.dead_letter import FIRST_FAILURE_OPTION, REPLAY_OPTION, DeadLetter, dead_letter_record
+from jobflow.envelope import make_envelope
 from jobflow.testing import OutcomeTracker
 
 from .helpers import tracked_worker, wait
@@ -196,12 +195,35 @@ class TestRetriesInMemory:
 
 
 class TestPermanentInMemory:
-    def test_unknown_job(self, registry: JobRegistry, memory_settings: Settings) -> None:
-        """A job no worker type answers to is dead-lettered after one attempt as unknown_job."""
+    def test_unknown_type_window_from_the_environment(
+        self, registry: JobRegistry, memory_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A registry that sets no window takes the worker's JOBFLOW_UNKNOWN_TYPE_RETRY (here: none)."""
+        assert registry.unknown_type_retry is None
+        monkeypatch.setenv("JOBFLOW_UNKNOWN_TYPE_RETRY", "0")
+        settings = Settings(broker_url=memory_settings.broker_url)
+        assert settings.unknown_type_retry == 0
         other = JobRegistry()
 
         class Elsewhere(jobflow.Job, registry=other):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
+        producer = jobflow.BrokerJobScheduler(settings=settings, registry=other)
+        with tracked_worker(producer.broker, registry, settings) as tracker:
+            producer.schedule_now(Elsewhere())
+            [record] = dead_letters(producer.broker, 1)
+        assert len(tracker.outcomes) == 1
+        assert record.reason == "unknown_job"
+
+    def test_unknown_job(self, registry: JobRegistry, memory_settings: Settings) -> None:
+        """Once its unknown-type window is over, a job no worker type answers to is dead-lettered as unknown_job."""
+        registry.unknown_type_retry = timedelta(0)
+        other = JobRegistry()
+
+        class Elsewhere(jobflow.Job, registry=other):
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         producer = jobflow.BrokerJobScheduler(settings=memory_settings, registry=other)
         with tracked_worker(producer.broker, registry, memory_settings) as tracker:
@@ -214,6 +236,35 @@ class TestPermanentInMemory:
             "jobflow.errors.UnknownJobError",
         )
 
+    def test_unknown_job_is_retried_until_a_worker_knows_it(
+        self, registry: JobRegistry, memory_settings: Settings
+    ) -> None:
+        """In a rolling deploy a job of a type this worker lacks is retried, and runs once the type is there."""
+        registry.retry_policy = jobflow.RetryPolicy(backoff=timedelta(milliseconds=20), jitter=0)
+        other = JobRegistry()
+        ran: list[int] = []
+
+        class Shipped(jobflow.Job, name="Shipped", version=2, registry=other):
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
+        producer = jobflow.BrokerJobScheduler(settings=memory_settings, registry=other)
+        with tracked_worker(producer.broker, registry, memory_settings) as tracker:
+            job_id = producer.schedule_now(Shipped())
+            wait(tracker, lambda t: len(t.outcomes) >= 2)  # two attempts failed: still retried
+
+            class Arrived(jobflow.Job, name="Shipped", version=2, registry=registry):
+                def execute(self, ctx: jobflow.JobContext) -> None:
+                    ran.append(ctx.attempt)
+
+            wait(tracker, lambda t: any(o.message_id == job_id and o.error is None for o in t.outcomes))
+        assert ran
+        assert ran[0] >= 3
+        assert producer.broker.dead_letters == []  # type: ignore[attr-defined]
+        failures = [o.error for o in tracker.outcomes if o.error is not None]
+        assert failures
+        assert all("UnknownJobError" in f for f in failures)
+
     def test_invalid_payload_and_envelope(self, registry: JobRegistry, memory_settings: Settings) -> None:
         """Data the type rejects is invalid_payload; an argument that is no envelope is invalid_envelope."""
         other = JobRegistry()
@@ -221,8 +272,14 @@ class TestPermanentInMemory:
         class Typed(jobflow.Job, registry=registry):
             n: int
 
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
         class Loose(jobflow.Job, name="Typed", registry=other):
             n: str
+
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         producer = jobflow.BrokerJobScheduler(settings=memory_settings, registry=other)
         broker = producer.broker
@@ -242,7 +299,8 @@ class TestPermanentInMemory:
         assert all(r.attempts == 1 for r in records)
 
     def test_unknown_command(self, registry: JobRegistry, memory_settings: Settings) -> None:
-        """A forwarded command no handler answers to is dead-lettered from the commands queue."""
+        """A forwarded command no handler answers to is dead-lettered from the commands queue after its window."""
+        registry.unknown_type_retry = timedelta(0)
         scheduler = jobflow.BrokerJobScheduler(settings=memory_settings, registry=registry)
         with tracked_worker(scheduler.broker, registry, memory_settings):
             scheduler.schedule_now(jobflow.PublishCommandJob(command_name="Nope", command_version=3, command_data={}))
@@ -347,6 +405,9 @@ class TestPayloadLimit:
 
         class Blob(jobflow.Job, registry=registry):
             data: str
+
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         scheduler = jobflow.BrokerJobScheduler(settings=settings, registry=registry)
         scheduler.schedule_now(Blob(data="x" * 1000))

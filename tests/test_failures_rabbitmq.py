@@ -24,6 +24,7 @@ import pytest
 import jobflow
 from jobflow import JobRegistry, RetryPolicy, Settings
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
+from jobflow.broker.queues import dead_letter_queue_arguments, parse_version
 from jobflow.dead_letter import dead_letter_queue
 from jobflow.testing import OutcomeTracker
 
@@ -225,9 +226,13 @@ class TestDeadLetterQueue:
         connection = pika.BlockingConnection(pika.URLParameters(amqp_settings.broker_url))
         try:
             xq = dead_letter_queue(scheduler.queue)
-            connection.channel().queue_declare(xq, durable=True)  # same arguments: accepted
+            version = parse_version(connection._impl.server_properties.get("version"))  # type: ignore[attr-defined]
+            arguments = dead_letter_queue_arguments(amqp_settings.queue_type, version)
+            assert "x-message-ttl" not in arguments
+            connection.channel().queue_declare(xq, durable=True, arguments=arguments)  # same arguments: accepted
+            ttl = {**arguments, "x-message-ttl": 604800000}
             with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
-                connection.channel().queue_declare(xq, durable=True, arguments={"x-message-ttl": 604800000})
+                connection.channel().queue_declare(xq, durable=True, arguments=ttl)
             assert info.value.reply_code == 406
         finally:
             connection.close()
@@ -327,6 +332,8 @@ class TestPoisonOnRabbitmq:
     ) -> None:
         """Each kind of poison, published raw, is dead-lettered once with its reason; good work behind it runs."""
         settings = amqp_settings.model_copy(update={"max_payload_bytes": 4096})
+        registry.unknown_type_retry = timedelta(0)  # the rolling-deploy window has its own tests
+        app.registry.unknown_type_retry = timedelta(0)
         with jobflow.BrokerJobScheduler(settings=settings, registry=registry) as scheduler:
             with watched_worker(scheduler.broker, registry, settings) as (tracker, dramatiq_worker):
                 app.prime(scheduler, tracker)
@@ -347,8 +354,9 @@ class TestPoisonOnRabbitmq:
         from .worker_app import TouchFile, WriteFileCommand
 
         jobs, commands = jobs_queue(amqp_settings.queue_prefix), commands_queue(amqp_settings.queue_prefix)
+        no_window = amqp_settings.model_copy(update={"unknown_type_retry": 0.0})
         with (
-            worker_process(amqp_settings, tmp_path) as proc,
+            worker_process(no_window, tmp_path) as proc,
             jobflow.BrokerJobScheduler(settings=amqp_settings) as scheduler,
         ):
             first = tmp_path / "first.json"
@@ -393,6 +401,9 @@ class worker_process:
             "JOBFLOW_BROKER_URL": settings.broker_url,
             "JOBFLOW_QUEUE_PREFIX": settings.queue_prefix,
             "JOBFLOW_LOG_FORMAT": "json",
+            "JOBFLOW_QUEUE_TYPE": settings.queue_type,
+            "JOBFLOW_DELAY_QUEUE_TYPE": settings.delay_queue_type,
+            "JOBFLOW_UNKNOWN_TYPE_RETRY": str(settings.unknown_type_retry),
         }
         self.log_path = tmp_path / "worker.log"
 
@@ -529,7 +540,7 @@ class TestNoLossOnRabbitmq:
         ):
             job_id = scheduler.schedule_now(Doomed())
             [letter] = wait_for_messages(amqp_settings.broker_url, dead_letter_queue(scheduler.queue), 1)
-        assert len(hits) == 3
+        assert len(hits) >= 2  # published again on a new connection before giving up
         assert letter.record is None
         assert x_death_reason(letter) == "rejected"
         assert letter.message["message_id"] == job_id
@@ -545,7 +556,7 @@ class TestNoLossOnRabbitmq:
                 publish_raw(amqp_settings.broker_url, scheduler.queue, [b"\x00 poison"])
                 [letter] = wait_for_messages(amqp_settings.broker_url, dead_letter_queue(scheduler.queue), 1)
             app.still_flowing(scheduler, "after")
-        assert len(hits) == 3
+        assert len(hits) >= 2  # published again on a new connection before giving up
         assert (letter.body, letter.record, x_death_reason(letter)) == (b"\x00 poison", None, "rejected")
 
     def test_all_worker_connections_closed_during_dead_letter_publish(
@@ -642,6 +653,7 @@ class TestFuzz:
     ) -> None:
         """Thousands of random bodies: the worker survives, and every one ran or was dead-lettered."""
         registry.retry_policy = RetryPolicy(max_attempts=1)  # every failure is final: one outcome each
+        registry.unknown_type_retry = timedelta(0)
         ran: list[int] = []
 
         class Target(jobflow.Job, registry=registry):

@@ -221,7 +221,8 @@ class TestMisuse:
         other = JobRegistry()
 
         class Elsewhere(jobflow.Job, registry=other):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         with pytest.raises(jobflow.UnknownJobError, match="Elsewhere"):
             jobflow.InstantJobScheduler(registry).schedule(Elsewhere())

@@ -31,6 +31,9 @@ class TestNaming:
         class LogMessageJob(jobflow.Job, name="LogMessage", version=3, registry=registry):
             message: str
 
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
         assert (LogMessageJob.job_name, LogMessageJob.job_version) == ("LogMessage", 3)
         assert registry.get("LogMessage", 3) is LogMessageJob
 
@@ -38,7 +41,8 @@ class TestNaming:
         """Without name and version a job is registered as its class name, version 1."""
 
         class CleanUpJob(jobflow.Job, registry=registry):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         assert (CleanUpJob.job_name, CleanUpJob.job_version) == ("CleanUpJob", 1)
         assert registry.get("CleanUpJob", 1) is CleanUpJob
@@ -61,14 +65,16 @@ class TestNaming:
         with pytest.raises(jobflow.ConfigurationError, match="version must be an int >= 1"):
 
             class BadJob(jobflow.Job, version=version, registry=registry):
-                pass
+                def execute(self, ctx: jobflow.JobContext) -> None:
+                    pass
 
     def test_empty_name_is_refused(self, registry: JobRegistry) -> None:
         """An empty name is a clear error at definition time."""
         with pytest.raises(jobflow.ConfigurationError, match="name must be a non-empty string"):
 
             class BadJob(jobflow.Job, name=" ", registry=registry):
-                pass
+                def execute(self, ctx: jobflow.JobContext) -> None:
+                    pass
 
     def test_abstract_base_is_not_registered(self, registry: JobRegistry) -> None:
         """abstract=True lets applications share a base class without registering it."""
@@ -77,7 +83,8 @@ class TestNaming:
             tenant: str
 
         class Concrete(Base, registry=registry):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         assert registry.job_versions("Base") == []
         assert registry.get("Concrete", 1) is Concrete
@@ -90,6 +97,9 @@ class TestModel:
         class Frozen(jobflow.Job, registry=registry):
             n: int
 
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
         job = Frozen(n=1)
         with pytest.raises(pydantic.ValidationError):
             job.n = 2  # type: ignore[misc]
@@ -99,6 +109,9 @@ class TestModel:
 
         class Strict(jobflow.Job, registry=registry):
             n: int
+
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         with pytest.raises(pydantic.ValidationError):
             Strict.from_data({"n": 1, "extra": 2})
@@ -115,6 +128,9 @@ class TestModel:
             address: Address
             tags: list[str]
             wait: timedelta
+
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         job = Rich(
             at=datetime(2026, 11, 29, 10, 0, 0, 123456, tzinfo=UTC),
@@ -140,14 +156,29 @@ class TestModel:
             ident: uuid.UUID
             amount: Decimal
 
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
         job = StrictJob(ident=uuid.uuid4(), amount=Decimal("1.5"))
         assert StrictJob.from_data(job.to_data()) == job
 
     def test_execute_must_be_defined(self, registry: JobRegistry) -> None:
-        """A job without execute says so when run."""
+        """A concrete job without execute is refused when its class is defined, not retried later."""
+        with pytest.raises(jobflow.ConfigurationError, match="defines no execute"):
 
-        class Lazy(jobflow.Job, registry=registry):
+            class Lazy(jobflow.Job, registry=registry):
+                pass
+
+        assert registry.job_versions("Lazy") == []
+
+    def test_abstract_job_needs_no_execute(self, registry: JobRegistry) -> None:
+        """A shared base class (abstract=True) may leave execute to its subclasses."""
+
+        class Base(jobflow.Job, abstract=True, registry=registry):
             pass
 
-        with pytest.raises(jobflow.JobflowError, match="must define execute"):
-            jobflow.InstantJobScheduler(registry).schedule(Lazy())
+        class Concrete(Base, registry=registry):
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
+        assert registry.get("Concrete", 1) is Concrete

@@ -146,7 +146,8 @@ class TestInMemory:
         other = JobRegistry()
 
         class OnlyElsewhere(jobflow.Job, registry=other):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         producer = jobflow.BrokerJobScheduler(settings=memory_settings, registry=other)
         scheduler = jobflow.BrokerJobScheduler(settings=memory_settings, registry=registry)

@@ -10,8 +10,7 @@ import pytest
 from dramatiq import Message
 
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from jobflow.dead_letter import HEADER, DeadLetter
-from jobflow.middleware.failures import clip, error_type_name, new_record
+from jobflow.dead_letter import HEADER, DeadLetter, clip, error_type_name, new_record
 from jobflow.poison import Poison, screen
 
 ACTORS = {RUN_JOB_ACTOR, DISPATCH_COMMAND_ACTOR}

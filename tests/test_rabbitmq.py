@@ -20,6 +20,7 @@ import jobflow
 from jobflow import JobRegistry, Settings
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, jobs_queue
 
+from .faults import wait_for_consumer
 from .helpers import tracked_worker, wait
 from .worker_app import TouchFile, WriteFileCommand
 
@@ -54,6 +55,7 @@ def worker_process(amqp_settings: Settings, tmp_path: Path) -> Iterator[subproce
         text=True,
     )
     try:
+        wait_for_consumer(amqp_settings.broker_url, jobs_queue(amqp_settings.queue_prefix))
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -106,7 +108,7 @@ class TestPublishing:
 
     def test_unreachable_broker_hides_password(self) -> None:
         """Publishing to a broker that is not there fails without showing the password."""
-        settings = Settings(broker_url="amqp://guest:topsecret@127.0.0.1:1/?connection_attempts=1&socket_timeout=1")
+        settings = Settings(broker_url="amqp://guest:topsecret@127.0.0.1:1/", publish_timeout=1)
         with pytest.raises(Exception) as info:  # noqa: PT011  (pika or dramatiq's connection error)
             jobflow.BrokerJobScheduler(settings=settings).schedule_now(TouchFile(path="/x", text="x"))
         assert "topsecret" not in str(info.value)

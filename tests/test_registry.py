@@ -15,9 +15,15 @@ class TestJobs:
         class V1(jobflow.Job, name="Report", version=1, registry=registry):
             day: str
 
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
+
         class V2(jobflow.Job, name="Report", version=2, registry=registry):
             day: str
             region: str
+
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         assert registry.get("Report", 1) is V1
         assert registry.get("Report", 2) is V2
@@ -27,12 +33,14 @@ class TestJobs:
         """Claiming a taken (name, version) fails at definition time, naming both classes."""
 
         class First(jobflow.Job, name="Taken", registry=registry):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         with pytest.raises(jobflow.RegistrationError) as info:
 
             class Second(jobflow.Job, name="Taken", registry=registry):
-                pass
+                def execute(self, ctx: jobflow.JobContext) -> None:
+                    pass
 
         assert isinstance(info.value, jobflow.JobflowError)
         assert "First" in str(info.value)
@@ -42,7 +50,8 @@ class TestJobs:
         """An unknown (name, version) raises UnknownJobError naming the versions that exist."""
 
         class Known(jobflow.Job, name="Known", version=2, registry=registry):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         with pytest.raises(jobflow.UnknownJobError, match=r"\('Known', 7\).*registered versions: \[2\]") as info:
             registry.get("Known", 7)
@@ -66,10 +75,12 @@ class TestJobs:
         a, b = JobRegistry(), JobRegistry()
 
         class InA(jobflow.Job, name="Same", registry=a):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         class InB(jobflow.Job, name="Same", registry=b):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         assert a.get("Same", 1) is InA
         assert b.get("Same", 1) is InB

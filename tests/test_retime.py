@@ -104,7 +104,7 @@ class TestRetimeOnReconnect:
         with jobflow.BrokerJobScheduler(settings=amqp_settings, registry=registry) as scheduler:
             scheduler.broker.declare_queue(scheduler.queue, ensure=True)  # type: ignore[call-arg]
             # As an outage leaves it: due in 0.5 s, but parked in a level that holds it 16 s.
-            envelope = jobflow.schedulers.make_envelope(Tick(), registry)
+            envelope = jobflow.envelope.make_envelope(Tick(), registry)
             due = current_millis() + 500
             body = json.dumps(
                 {

@@ -11,8 +11,8 @@ from dramatiq.middleware import TimeLimitExceeded
 
 import jobflow
 from jobflow import JobRegistry, RetryPolicy
+from jobflow.envelope import MAX_DELAY
 from jobflow.retry import DEFAULT_RETRY_POLICY, DEFAULT_TIME_LIMIT, MAX_RETRY_DELAY, requested_delay
-from jobflow.schedulers import MAX_DELAY
 
 
 class TestRetryPolicy:
@@ -136,7 +136,8 @@ class TestClassOptions:
         policy = RetryPolicy(max_attempts=3)
 
         class Slow(jobflow.Job, registry=registry, retry=policy, time_limit=timedelta(minutes=30)):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         class Ping(jobflow.Command, registry=registry, retry=RetryPolicy(max_attempts=2)):
             pass
@@ -153,7 +154,8 @@ class TestClassOptions:
             pass
 
         class Child(Base, registry=registry):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         assert registry.options_for("job", "Child", 1) == (policy, timedelta(seconds=5))
 
@@ -163,7 +165,8 @@ class TestClassOptions:
         registry = JobRegistry(retry_policy=policy, time_limit=timedelta(seconds=9))
 
         class Plain(jobflow.Job, registry=registry):
-            pass
+            def execute(self, ctx: jobflow.JobContext) -> None:
+                pass
 
         assert registry.options_for("job", "Plain", 1) == (policy, timedelta(seconds=9))
         assert registry.options_for("job", "Nobody", 7) == (policy, timedelta(seconds=9))
@@ -178,7 +181,8 @@ class TestClassOptions:
         with pytest.raises(jobflow.ConfigurationError):
 
             class Bad(jobflow.Job, registry=registry, **options):
-                pass
+                def execute(self, ctx: jobflow.JobContext) -> None:
+                    pass
 
 
 class TestBackoffOverflow:

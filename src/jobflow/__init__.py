@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from jobflow.broker.rabbitmq import create_broker, memory_broker, redact_url
+from jobflow.broker import create_broker, memory_broker, redact_url
 from jobflow.command import Command, command_handler
 from jobflow.context import CommandBus, CommandContext, JobContext
-from jobflow.envelope import CommandEnvelope, JobEnvelope
+from jobflow.envelope import MAX_DELAY, CommandEnvelope, JobEnvelope
 from jobflow.errors import (
+    BrokerUnavailableError,
     ConfigurationError,
     InvalidPayloadError,
     JobflowError,
@@ -22,7 +23,7 @@ from jobflow.log_config import configure_logging
 from jobflow.publish_command import PublishCommandJob
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.retry import RetryPolicy
-from jobflow.schedulers import MAX_DELAY, BrokerJobScheduler, InstantJobScheduler, JobScheduler
+from jobflow.schedulers import BrokerJobScheduler, InstantJobScheduler, JobScheduler
 from jobflow.settings import Settings
 from jobflow.worker import InProcessWorker, declare_actors
 
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_DELAY",
     "BrokerJobScheduler",
+    "BrokerUnavailableError",
     "Command",
     "CommandBus",
     "CommandContext",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dramatiq
 import structlog
 
-from jobflow.broker.rabbitmq import create_broker, redact_url
+from jobflow.broker import create_broker, redact_url
 from jobflow.log_config import configure_logging
 from jobflow.settings import Settings
 from jobflow.worker import declare_actors

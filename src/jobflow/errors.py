@@ -7,6 +7,7 @@ name, version and id where they are known::
      +-- ConfigurationError        a setting or argument that cannot work (bad URL, bad option)
      +-- RegistrationError         a second class or handler claims a taken (name, version)
      +-- SchedulingError           misuse of a scheduler (delay and run_at together, naive datetime)
+     +-- BrokerUnavailableError    the broker did not confirm in time (also a Dramatiq ConnectionClosed)
      +-- UnknownJobError           no job type is registered under (name, version)
      +-- UnknownCommandError       no command type or handler is registered under (name, version)
      +-- InvalidPayloadError       a message whose data the registered type rejects, or not an envelope
@@ -16,7 +17,10 @@ name, version and id where they are known::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
+
+from dramatiq.errors import ConnectionClosed
 
 
 class JobflowError(Exception):
@@ -46,6 +50,30 @@ class RegistrationError(JobflowError):
 
 class SchedulingError(JobflowError, ValueError):
     """A scheduler was called with arguments that cannot be honoured."""
+
+
+class BrokerUnavailableError(JobflowError, ConnectionClosed):
+    """The broker did not take a message (or a declaration) within the deadline.
+
+    Nothing that raised it was confirmed, so nothing is reported as scheduled; the broker may still
+    hold a copy whose confirm was lost (at least once). ``broker`` is the URL with its password
+    masked; ``job_ids`` lists every job of a bulk call that was not confirmed. It is also Dramatiq's
+    ``ConnectionClosed``, so Dramatiq's worker restarts a consumer that meets it, as it always has.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        broker: str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        job_id: str | None = None,
+        job_ids: Sequence[str] = (),
+    ) -> None:
+        JobflowError.__init__(self, message, name=name, version=version, job_id=job_id)
+        self.broker = broker
+        self.job_ids = tuple(job_ids) or ((job_id,) if job_id else ())
 
 
 class UnknownJobError(JobflowError, LookupError):

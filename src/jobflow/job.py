@@ -31,7 +31,12 @@ class Job(VersionedModel, abstract=True):
 
     @classmethod
     def _register(cls) -> None:
+        if cls.execute is Job.execute:
+            raise ConfigurationError(
+                f"{cls.__module__}.{cls.__qualname__} defines no execute(self, ctx): a job must say what it does"
+                " (or be a shared base class: class Base(jobflow.Job, abstract=True))"
+            )
         cls.registry.register_job(cls)
 
     def execute(self, ctx: JobContext) -> Awaitable[None] | None:
-        raise ConfigurationError(f"{type(self).__qualname__} must define execute(self, ctx)")
+        raise NotImplementedError

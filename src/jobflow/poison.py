@@ -18,8 +18,13 @@ from dramatiq.common import current_millis
 from dramatiq.message import Message, generate_unique_id
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from jobflow.broker.names import KINDS, Kind
 from jobflow.dead_letter import Reason
-from jobflow.middleware.targets import KINDS, Kind, envelope_identity
+from jobflow.envelope import envelope_identity
+
+#: What the consumer tolerates over the size limit: options middleware stamps on the way (due time,
+#: retry count) after the scheduler measured the message.
+CONSUMER_HEADROOM_BYTES = 4096
 
 # Options jobflow or Dramatiq's worker read, and the types they must have.
 _INT_OPTIONS = ("retries", "due_ms", "jobflow_first_failure_ms")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from jobflow.errors import RegistrationError, UnknownCommandError, UnknownJobError
+from jobflow.errors import ConfigurationError, RegistrationError, UnknownCommandError, UnknownJobError
 from jobflow.retry import DEFAULT_RETRY_POLICY, DEFAULT_TIME_LIMIT, RetryPolicy, TypeOptions, check_time_limit
 
 if TYPE_CHECKING:
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from jobflow.job import Job
 
 T = TypeVar("T", bound=type)
+
+#: How long an unknown (name, version) is retried: longer than a rolling deploy takes.
 
 #: Job types every registry knows (PublishCommandJob), added by the modules that define them.
 BUILTIN_JOBS: list[type[Job]] = []
@@ -79,10 +81,30 @@ class JobRegistry:
     (pass ``registry=`` when defining the class).
     """
 
-    def __init__(self, *, retry_policy: RetryPolicy | None = None, time_limit: timedelta | None = None) -> None:
+    @property
+    def unknown_type_retry(self) -> timedelta | None:
+        return self._unknown_type_retry
+
+    @unknown_type_retry.setter
+    def unknown_type_retry(self, value: timedelta | None) -> None:
+        if value is not None and (not isinstance(value, timedelta) or value < timedelta(0)):
+            raise ConfigurationError(f"unknown_type_retry must be a timedelta >= 0 or None, got {value!r}")
+        self._unknown_type_retry = value
+
+    def __init__(
+        self,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        time_limit: timedelta | None = None,
+        unknown_type_retry: timedelta | None = None,
+    ) -> None:
         #: The retry policy and time limit of every type that sets none (class options override them).
         self.retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self.time_limit = check_time_limit(time_limit or DEFAULT_TIME_LIMIT)
+        #: How long a message of a (name, version) this process does not know is retried before it
+        #: is dead-lettered: in a rolling deploy, producers may ship a type before every worker has it.
+        #: None: the worker's ``Settings.unknown_type_retry`` (``JOBFLOW_UNKNOWN_TYPE_RETRY``, 15 min).
+        self.unknown_type_retry = unknown_type_retry
         self._jobs: _TypeTable[type[Job]] = _TypeTable("job", UnknownJobError)
         self._commands: _TypeTable[type[Command]] = _TypeTable("command", UnknownCommandError)
         self._handlers: dict[tuple[str, int], CommandHandler[Any]] = {}

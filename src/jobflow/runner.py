@@ -1,7 +1,9 @@
 """Running one job or one command: validate, bind the log context, execute, log the outcome.
 
 The worker's actors and InstantJobScheduler share this path, so a job behaves the same in
-development and in production.
+development and in production. Commands a job publishes through ``ctx.command_bus`` are held until
+``execute`` returns, then published (confirmed, on a worker) before the job's message is acked: a
+job that fails sends none, and a job whose commands could not be published has failed.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def _validated(cls: type[Job] | type[Command], envelope: JobEnvelope | CommandEn
         ) from exc
 
 
+class HeldCommands:
+    """The command bus a job sees: it keeps what the job publishes until the job has succeeded."""
+
+    def __init__(self) -> None:
+        self.held: list[CommandEnvelope] = []
+
+    def publish(self, envelope: CommandEnvelope) -> None:
+        self.held.append(envelope)
+
+
 class JobRunner:
     """Executes jobs and commands of one registry, with the given command bus and services."""
 
@@ -93,13 +105,14 @@ class JobRunner:
 
     def _prepare_job(
         self, envelope: JobEnvelope, attempt: int, queue: str, log: structlog.typing.FilteringBoundLogger
-    ) -> tuple[Job, JobContext]:
+    ) -> tuple[Job, JobContext, HeldCommands]:
         try:
             cls = self.registry.get(envelope.name, envelope.version)
         except JobflowError as exc:
             exc.job_id = envelope.job_id
             raise
         job: Job = _validated(cls, envelope, envelope.job_id)
+        held = HeldCommands()
         ctx = JobContext(
             job_id=envelope.job_id,
             job_name=envelope.name,
@@ -108,10 +121,14 @@ class JobRunner:
             due_at=envelope.due_at,
             queue=queue,
             log=log,
-            command_bus=self.command_bus,
+            command_bus=held,
             services=self.registry.services,
         )
-        return job, ctx
+        return job, ctx, held
+
+    def _release(self, held: HeldCommands) -> None:
+        for envelope in held.held:
+            self.command_bus.publish(envelope)
 
     def run_job(
         self,
@@ -125,19 +142,21 @@ class JobRunner:
         """``due_at``, when the message carries one, overrides the envelope's: a retry is due when its backoff ends."""
         lateness = _lateness_ms(due_at or envelope.due_at)
         with _observed("job", self._job_fields(envelope, attempt, queue), lateness_ms=lateness) as log:
-            job, ctx = self._prepare_job(envelope, attempt, queue, log)
+            job, ctx, held = self._prepare_job(envelope, attempt, queue, log)
             result = job.execute(ctx)
             if inspect.isawaitable(result):
                 run_coroutine(_as_coroutine(result))
+            self._release(held)
 
     async def run_job_async(self, envelope: JobEnvelope, *, attempt: int, queue: str) -> None:
         with _observed(
             "job", self._job_fields(envelope, attempt, queue), lateness_ms=_lateness_ms(envelope.due_at)
         ) as log:
-            job, ctx = self._prepare_job(envelope, attempt, queue, log)
+            job, ctx, held = self._prepare_job(envelope, attempt, queue, log)
             result = job.execute(ctx)
             if inspect.isawaitable(result):
                 await result
+            self._release(held)
 
     def _command_fields(self, envelope: CommandEnvelope, attempt: int, queue: str) -> dict[str, Any]:
         return {

@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 import dramatiq
 import structlog
 
+from jobflow.broker import create_broker
 from jobflow.broker.names import RUN_JOB_ACTOR, jobs_queue
-from jobflow.broker.rabbitmq import create_broker
-from jobflow.envelope import CommandEnvelope, JobEnvelope
-from jobflow.errors import SchedulingError
+from jobflow.envelope import (
+    MAX_DELAY,
+    CommandEnvelope,
+    JobEnvelope,
+    check_payload_size,
+    make_envelope,
+    requested_in_past,
+)
 from jobflow.job import Job
-from jobflow.middleware.time_limit import check_payload_size
+from jobflow.middleware.due_time import DUE_OPTION
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.runner import JobRunner, run_coroutine_here
 from jobflow.settings import Settings
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
 
-#: The longest delay a scheduler accepts.
-MAX_DELAY = timedelta(days=8 * 366)
+__all__ = ["MAX_DELAY", "BrokerJobScheduler", "InstantJobScheduler", "JobScheduler"]
 
 
 @runtime_checkable
@@ -39,55 +42,6 @@ class JobScheduler(Protocol):
     async def schedule_async(
         self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None
     ) -> str: ...
-
-
-def resolve_due(now: datetime, delay: timedelta | None, run_at: datetime | None) -> datetime:
-    """When a job is due, refusing arguments that cannot mean one point in time."""
-    if delay is not None and run_at is not None:
-        raise SchedulingError("give delay or run_at, not both")
-    if delay is not None:
-        if not isinstance(delay, timedelta):
-            raise SchedulingError(f"delay must be a datetime.timedelta, not {type(delay).__name__}")
-        due = now + max(delay, timedelta(0))
-    elif run_at is not None:
-        if not isinstance(run_at, datetime):
-            raise SchedulingError(f"run_at must be a datetime.datetime, not {type(run_at).__name__}")
-        if run_at.tzinfo is None or run_at.utcoffset() is None:
-            raise SchedulingError(
-                f"run_at must be timezone-aware (got naive {run_at.isoformat()}); e.g. datetime.now(UTC)"
-            )
-        due = max(run_at, now)
-    else:
-        due = now
-    if due - now > MAX_DELAY:
-        raise SchedulingError(f"a job can be delayed by at most {MAX_DELAY.days} days; got {due - now}")
-    return due
-
-
-def make_envelope(
-    job: Job, registry: JobRegistry, *, delay: timedelta | None = None, run_at: datetime | None = None
-) -> JobEnvelope:
-    """Check the job belongs to ``registry`` and wrap it with a fresh id and its due time."""
-    if not isinstance(job, Job):
-        raise SchedulingError(f"a scheduler takes a jobflow.Job instance, not {type(job).__name__}")
-    cls = type(job)
-    registered = registry.get(cls.job_name, cls.job_version)
-    if registered is not cls:
-        raise SchedulingError(
-            f"{cls.__qualname__} is not the class registered as ({cls.job_name!r}, {cls.job_version}) in this"
-            f" scheduler's registry ({registered.__qualname__} is)",
-            name=cls.job_name,
-            version=cls.job_version,
-        )
-    now = datetime.now(UTC)
-    return JobEnvelope(
-        job_id=str(uuid.uuid4()),
-        name=cls.job_name,
-        version=cls.job_version,
-        data=job.to_data(),
-        scheduled_at=now,
-        due_at=resolve_due(now, delay, run_at),
-    )
 
 
 class _CollectingCommandBus:
@@ -146,6 +100,10 @@ class InstantJobScheduler:
         return envelope.job_id
 
 
+def _ms(delta: timedelta) -> int:
+    return max(0, int(delta / timedelta(milliseconds=1)))
+
+
 def _round_trip(envelope: CommandEnvelope) -> CommandEnvelope:
     return CommandEnvelope.model_validate_json(envelope.model_dump_json())
 
@@ -176,21 +134,29 @@ class BrokerJobScheduler:
         self.broker.declare_queue(self.queue)
 
     def schedule(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
+        """Publish ``job``; returns its id once RabbitMQ confirmed it, or raises BrokerUnavailableError."""
         envelope = make_envelope(job, self.registry, delay=delay, run_at=run_at)
-        now_ms = int(time.time() * 1000)
-        delay_ms = max(0, int((envelope.due_at - envelope.scheduled_at).total_seconds() * 1000))
+        past = requested_in_past(envelope.scheduled_at, delay, run_at)
+        if past is not None:
+            logger.info(
+                "job.due_in_past", job_id=envelope.job_id, job_name=envelope.name, past_ms=_ms(past), runs="now"
+            )
+        due_ms = int(envelope.due_at.timestamp() * 1000)
         message: dramatiq.Message[None] = dramatiq.Message(
             queue_name=self.queue,
             actor_name=RUN_JOB_ACTOR,
             args=(envelope.to_wire(),),
             kwargs={},
-            options={},
+            # The due time is the caller's: the broker counts the remaining delay from it when it
+            # writes the message, so connecting or declaring first never makes the job late.
+            options={DUE_OPTION: due_ms},
             message_id=envelope.job_id,
-            message_timestamp=now_ms,
+            message_timestamp=int(envelope.scheduled_at.timestamp() * 1000),
         )
-        size = len(message.encode())
-        check_payload_size(size, self.settings.max_payload_bytes, name=envelope.name, version=envelope.version)
-        self.broker.enqueue(message, delay=delay_ms or None)
+        check_payload_size(
+            len(message.encode()), self.settings.max_payload_bytes, name=envelope.name, version=envelope.version
+        )
+        self.broker.enqueue(message)
         logger.info(
             "job.scheduled",
             job_id=envelope.job_id,
@@ -198,7 +164,7 @@ class BrokerJobScheduler:
             job_version=envelope.version,
             queue=self.queue,
             due_at=envelope.due_at.isoformat(),
-            delay_ms=delay_ms,
+            delay_ms=_ms(envelope.due_at - envelope.scheduled_at),
         )
         return envelope.job_id
 

@@ -19,14 +19,24 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="JOBFLOW_", frozen=True, extra="forbid")
 
-    broker_url: str = Field(default=DEFAULT_BROKER_URL, description="memory://, amqp:// or amqps://")
+    broker_url: str = Field(
+        default=DEFAULT_BROKER_URL, description="memory://, or amqp:// / amqps:// (cluster nodes comma-separated)"
+    )
     queue_prefix: str = Field(default=DEFAULT_QUEUE_PREFIX, pattern=r"^[A-Za-z0-9_.-]+$")
-    queue_type: Literal["classic", "quorum"] = "classic"
+    #: Quorum by default: replicated, and at-least-once on the failure path (a message RabbitMQ
+    #: dead-letters is never lost); classic queues dead-letter at most once.
+    queue_type: Literal["classic", "quorum"] = "quorum"
     #: The delay ladder is quorum by default: classic dead-lettering is at-most-once, and lost a few
     #: of 10,000 pending delayed jobs in flight across a RabbitMQ restart in our benchmark.
     delay_queue_type: Literal["classic", "quorum"] = "quorum"
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Every publish (a schedule, a retry, a dead letter) is confirmed within it or raises
+    #: BrokerUnavailableError: no call waits longer on a broker that is down, frozen or blocked.
+    publish_timeout: float = Field(default=10.0, gt=0, le=3600, description="seconds")
+    #: How long a message of a (name, version) this worker does not know is retried before it is
+    #: dead-lettered: in a rolling deploy producers may ship a type before every worker has it.
+    unknown_type_retry: float = Field(default=900.0, ge=0, description="seconds")
     max_payload_bytes: int = Field(
         default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, description="largest encoded message a scheduler sends"
     )

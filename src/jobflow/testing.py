@@ -1,4 +1,9 @@
-"""A middleware that records each message's outcome, so a caller can wait until work is done."""
+"""Helpers for testing jobs: record outcomes, and make the in-memory broker's publishes fail.
+
+``OutcomeTracker`` is a middleware that records each message's outcome, so a test can wait until
+work is done. ``MemoryBroker.faults`` (:class:`PublishFaults`) refuses publishes or loses their
+confirms on demand, so an application can check that its jobs survive a broker that fails.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,10 @@ from typing import Any
 import dramatiq
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
+
+from jobflow.broker.memory import MemoryBroker, PublishFaults, is_retry, to_actor
+
+__all__ = ["MemoryBroker", "Outcome", "OutcomeTracker", "PublishFaults", "is_retry", "to_actor"]
 
 
 @dataclass(frozen=True)

@@ -65,11 +65,25 @@ class Actors:
     queue_prefix: str
 
 
+def settings_of(broker: dramatiq.Broker) -> Settings:
+    """The settings ``broker`` was built with (a broker jobflow did not build: the environment's)."""
+    settings = getattr(broker, "settings", None)
+    return settings if isinstance(settings, Settings) else Settings()
+
+
 def declare_actors(
     broker: dramatiq.Broker, *, registry: JobRegistry | None = None, settings: Settings | None = None
 ) -> Actors:
-    """Declare jobflow's actors on ``broker`` once; later calls return the same actors."""
-    prefix = (settings or Settings()).queue_prefix
+    """Declare jobflow's actors on ``broker`` once; later calls return the same actors.
+
+    The queue prefix is the broker's own; ``settings``, if given, must agree with it.
+    """
+    prefix = settings_of(broker).queue_prefix
+    if settings is not None and settings.queue_prefix != prefix:
+        raise ConfigurationError(
+            f"the broker was built for queue prefix {prefix!r}, not {settings.queue_prefix!r}:"
+            " build the broker from these settings (jobflow.create_broker(settings))"
+        )
     existing: Actors | None = getattr(broker, "_jobflow_actors", None)
     if existing is not None:
         if existing.queue_prefix != prefix or (registry is not None and registry is not existing.runner.registry):
@@ -134,8 +148,15 @@ class InProcessWorker:
         self._worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
 
     def __enter__(self) -> InProcessWorker:
-        self._worker.start()
+        self.start()
         return self
+
+    def start(self) -> None:
+        """Declare the topology (a configuration that cannot work raises here), then consume."""
+        declare = getattr(self.broker, "declare_topology", None)
+        if declare is not None:
+            declare()
+        self._worker.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -14,7 +14,7 @@ Prior art: NServiceBus's delayed delivery and kombu's native delayed delivery (w
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exchange_type import ExchangeType
@@ -27,11 +27,17 @@ from jobflow.broker.names import (
     next_exchange,
     unroutable_queue,
 )
+from jobflow.broker.publisher import Step
+from jobflow.broker.queues import (
+    UNKNOWN_VERSION,
+    QueueType,
+    ServerVersion,
+    delay_queue_arguments,
+    plain_queue_arguments,
+)
 
 #: The longest delay the ladder can hold: 2**38 - 1 ms, about 8.7 years.
 MAX_DELAY_MS = 2**DELAY_LEVELS - 1
-
-QueueType = Literal["classic", "quorum"]
 
 # Built by value: the types-pika stub declares the enum members as str.
 _TOPIC, _FANOUT = ExchangeType("topic"), ExchangeType("fanout")
@@ -73,70 +79,112 @@ def _destination_pattern(queue_name: str) -> str:
     return "*." * DELAY_LEVELS + queue_name
 
 
-def queue_type_arguments(queue_type: QueueType) -> dict[str, Any]:
-    """Arguments that make a queue a quorum queue; quorum dead-lettering is at-least-once."""
-    if queue_type == "quorum":
-        return {"x-queue-type": "quorum"}
-    return {}
-
-
-def _delay_queue_arguments(level: int, prefix: str, queue_type: QueueType) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        "x-message-ttl": 2**level,
-        "x-dead-letter-exchange": next_exchange(prefix, level),
-        **queue_type_arguments(queue_type),
-    }
-    if queue_type == "quorum":
-        # At-least-once dead-lettering needs reject-publish overflow; with it a hop is never lost.
-        args |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
-    return args
+def _declare_exchange(name: str, kind: ExchangeType, arguments: dict[str, Any] | None = None) -> Step:
+    return Step("exchange_declare", {"exchange": name, "exchange_type": kind, "durable": True, "arguments": arguments})
 
 
 class DelayTopology:
-    """Declares the ladder for one queue prefix; every declaration is idempotent."""
+    """The ladder of one queue prefix, as declaration steps; every step is idempotent."""
 
     def __init__(self, prefix: str, queue_type: QueueType = "quorum") -> None:
         self.prefix = prefix
         self.queue_type = queue_type
 
-    def declare(self, channel: BlockingChannel) -> None:
+    def declare_steps(self, version: ServerVersion = UNKNOWN_VERSION) -> list[Step]:
         """Exchanges, TTL queues and bindings of every level, and the delivery exchange."""
         p = self.prefix
         unroutable = unroutable_queue(p)
-        channel.exchange_declare(unroutable, exchange_type=_FANOUT, durable=True)
-        channel.queue_declare(unroutable, durable=True, arguments=queue_type_arguments(self.queue_type))
-        channel.queue_bind(unroutable, unroutable)
-        channel.exchange_declare(
-            delivery_exchange(p), exchange_type=_TOPIC, durable=True, arguments={"alternate-exchange": unroutable}
-        )
+        steps = [
+            _declare_exchange(unroutable, _FANOUT),
+            Step(
+                "queue_declare",
+                {"queue": unroutable, "durable": True, "arguments": plain_queue_arguments(self.queue_type, version)},
+            ),
+            Step("queue_bind", {"queue": unroutable, "exchange": unroutable, "routing_key": ""}),
+            _declare_exchange(delivery_exchange(p), _TOPIC, {"alternate-exchange": unroutable}),
+        ]
         for level in range(DELAY_LEVELS):
-            channel.exchange_declare(delay_exchange(p, level), exchange_type=_TOPIC, durable=True)
-            channel.exchange_declare(next_exchange(p, level), exchange_type=_TOPIC, durable=True)
-            channel.queue_declare(
-                delay_queue(p, level), durable=True, arguments=_delay_queue_arguments(level, p, self.queue_type)
-            )
-            channel.queue_bind(delay_queue(p, level), delay_exchange(p, level), routing_key=_entry_pattern(level))
+            args = delay_queue_arguments(2**level, next_exchange(p, level), self.queue_type, version)
+            steps += [
+                _declare_exchange(delay_exchange(p, level), _TOPIC),
+                _declare_exchange(next_exchange(p, level), _TOPIC),
+                Step("queue_declare", {"queue": delay_queue(p, level), "durable": True, "arguments": args}),
+                Step(
+                    "queue_bind",
+                    {
+                        "queue": delay_queue(p, level),
+                        "exchange": delay_exchange(p, level),
+                        "routing_key": _entry_pattern(level),
+                    },
+                ),
+            ]
         for level in range(DELAY_LEVELS):
             # One routing step from an expired level to the next set bit's level (or out): an
             # exchange chain, one hop per zero bit, made bursts of expiries late by hundreds of ms.
-            for below in range(level):
-                channel.queue_bind(
-                    delay_queue(p, below), next_exchange(p, level), routing_key=_next_level_pattern(level, below)
+            steps += [
+                Step(
+                    "queue_bind",
+                    {
+                        "queue": delay_queue(p, below),
+                        "exchange": next_exchange(p, level),
+                        "routing_key": _next_level_pattern(level, below),
+                    },
                 )
-            channel.exchange_bind(
-                destination=delivery_exchange(p), source=next_exchange(p, level), routing_key=_done_pattern(level)
+                for below in range(level)
+            ]
+            steps.append(
+                Step(
+                    "exchange_bind",
+                    {
+                        "destination": delivery_exchange(p),
+                        "source": next_exchange(p, level),
+                        "routing_key": _done_pattern(level),
+                    },
+                )
             )
+        return steps
+
+    def bind_destination_step(self, queue_name: str) -> Step:
+        """Lets messages whose delay has passed reach ``queue_name``."""
+        return Step(
+            "queue_bind",
+            {
+                "queue": queue_name,
+                "exchange": delivery_exchange(self.prefix),
+                "routing_key": _destination_pattern(queue_name),
+            },
+        )
+
+    def delete_steps(self) -> list[Step]:
+        """Remove the ladder (tests, and operators retiring a prefix); pending delayed messages go with it."""
+        p = self.prefix
+        steps = []
+        for level in range(DELAY_LEVELS):
+            steps += [
+                Step("queue_delete", {"queue": delay_queue(p, level)}),
+                Step("exchange_delete", {"exchange": delay_exchange(p, level)}),
+                Step("exchange_delete", {"exchange": next_exchange(p, level)}),
+            ]
+        return [
+            *steps,
+            Step("exchange_delete", {"exchange": delivery_exchange(p)}),
+            Step("queue_delete", {"queue": unroutable_queue(p)}),
+            Step("exchange_delete", {"exchange": unroutable_queue(p)}),
+        ]
+
+    def declare(self, channel: BlockingChannel, version: ServerVersion = UNKNOWN_VERSION) -> None:
+        """:meth:`declare_steps` on a blocking channel (tests and tools)."""
+        run_steps(channel, self.declare_steps(version))
 
     def bind_destination(self, channel: BlockingChannel, queue_name: str) -> None:
-        """Let messages whose delay has passed reach ``queue_name``."""
-        channel.queue_bind(queue_name, delivery_exchange(self.prefix), routing_key=_destination_pattern(queue_name))
+        """:meth:`bind_destination_step` on a blocking channel."""
+        run_steps(channel, [self.bind_destination_step(queue_name)])
 
     def delete(self, channel: BlockingChannel) -> None:
-        """Remove the ladder (tests, and operators retiring a prefix); pending delayed messages go with it."""
-        for level in range(DELAY_LEVELS):
-            channel.queue_delete(delay_queue(self.prefix, level))
-            channel.exchange_delete(delay_exchange(self.prefix, level))
-            channel.exchange_delete(next_exchange(self.prefix, level))
-        channel.exchange_delete(delivery_exchange(self.prefix))
-        channel.queue_delete(unroutable_queue(self.prefix))
-        channel.exchange_delete(unroutable_queue(self.prefix))
+        """:meth:`delete_steps` on a blocking channel."""
+        run_steps(channel, self.delete_steps())
+
+
+def run_steps(channel: BlockingChannel, steps: list[Step]) -> list[Any]:
+    """Declaration steps on a blocking channel (operators' commands and tests)."""
+    return [getattr(channel, step.method)(**step.kwargs) for step in steps]

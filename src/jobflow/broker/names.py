@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 RUN_JOB_ACTOR = "jobflow.run_job"
 DISPATCH_COMMAND_ACTOR = "jobflow.dispatch_command"
 
@@ -50,3 +52,9 @@ def unroutable_queue(prefix: str) -> str:
 def delay_queues(prefix: str) -> list[str]:
     """Every queue in which delayed messages wait."""
     return [delay_queue(prefix, level) for level in range(DELAY_LEVELS)]
+
+
+Kind = Literal["job", "command"]
+
+#: The kind of message each of jobflow's actors takes.
+KINDS: dict[str, Kind] = {RUN_JOB_ACTOR: "job", DISPATCH_COMMAND_ACTOR: "command"}

@@ -1,113 +1,265 @@
-"""Building the Dramatiq broker a URL names: the in-memory one, or RabbitMQ with confirms.
+"""jobflow's RabbitMQ broker: Dramatiq's, with every publish confirmed within a deadline and every
+delay held by the broker's ladder.
 
-All pika connection tuning lives here.
+A drop-in for ``dramatiq.brokers.rabbitmq.RabbitmqBroker``: plain actors keep Dramatiq's options
+and semantics. Underneath, every enqueue, retry, dead letter and declaration goes through one
+:class:`~jobflow.broker.publisher.Publisher` (confirmed, pipelined, with a deadline, across the
+nodes of a cluster), and a delayed enqueue (``delay=``, a scheduler's ``run_at``, a retry backoff)
+waits in the ladder instead of Dramatiq's ``.DQ`` in worker memory.
 """
 
 from __future__ import annotations
 
 import math
-import threading
+import time
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import dramatiq
 import pika
-import pika.exceptions
 from dramatiq.broker import Consumer
-from dramatiq.brokers.rabbitmq import MAX_ENQUEUE_ATTEMPTS, RabbitmqBroker
-from dramatiq.brokers.stub import StubBroker
-from dramatiq.common import q_name
-from dramatiq.errors import ConnectionClosed
-from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, TimeLimit, default_middleware
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.common import current_millis, dq_name, q_name
+from dramatiq.errors import QueueJoinTimeout
+from dramatiq.middleware import Middleware
 
-from jobflow.broker.consumer import JobflowConsumer, declare_dead_letter_queue, publish_dead_letter
-from jobflow.broker.ladder import MAX_DELAY_MS, DelayTopology, entry_level, queue_type_arguments, routing_key
-from jobflow.broker.names import delay_exchange
+from jobflow.broker import _dramatiq
+from jobflow.broker.connection import CONSUMER_DEFAULTS, PUBLISHER_DEFAULTS, cluster_parameters, split_urls
+from jobflow.broker.consumer import JobflowConsumer
+from jobflow.broker.ladder import MAX_DELAY_MS, DelayTopology, entry_level, routing_key
+from jobflow.broker.names import KINDS, delay_exchange, delay_queues, unroutable_queue
+from jobflow.broker.publisher import Publisher, Requirement, Step
+from jobflow.broker.queues import (
+    ServerVersion,
+    dead_letter_queue_arguments,
+    work_queue_arguments,
+)
 from jobflow.broker.retimer import LadderRetimer
-from jobflow.dead_letter import DeadLetter
-from jobflow.errors import ConfigurationError, SchedulingError
-from jobflow.middleware.due_time import DueTime
-from jobflow.middleware.failures import Failures
-from jobflow.middleware.time_limit import JobTimeLimit
+from jobflow.dead_letter import HEADER, DeadLetter, dead_letter_queue
+from jobflow.envelope import envelope_identity
+from jobflow.errors import ConfigurationError, JobflowError, SchedulingError
+from jobflow.middleware import DUE_OPTION, stack
 from jobflow.settings import Settings
 
-# Connection tuning that keeps a worker healthy, unless the URL sets it.
-_CONNECTION_DEFAULTS: dict[str, Any] = {
-    "heartbeat": 30,
-    "connection_attempts": 5,
-    "retry_delay": 2.0,
-    "blocked_connection_timeout": 60.0,
-    "socket_timeout": 10.0,
-}
-
-_memory_brokers: dict[str, StubBroker] = {}
-_memory_lock = threading.Lock()
+LADDER = "ladder"
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password masked: the only form of a URL jobflow logs or prints."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username is not None else f":***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _middleware() -> list[Middleware]:
-    # Failures replaces Retries; JobTimeLimit replaces TimeLimit and comes last, so its deadline is
-    # disarmed (after_* hooks run in reverse) before Failures publishes a retry or a dead letter.
-    stack: list[Middleware] = []
-    for m in default_middleware:
-        if m is Retries:
-            stack.append(Failures())
-        elif m is not TimeLimit:
-            stack.append(m())
-    return [*stack, AsyncIO(), CurrentMessage(), DueTime(), JobTimeLimit()]
+def queue_key(queue: str) -> str:
+    return f"queue:{queue}"
 
 
 class JobflowRabbitmqBroker(RabbitmqBroker):
-    """RabbitMQ with publisher confirms always on, connection parameters that survive trouble, and
-    every delayed enqueue (schedules, ``send_with_options(delay=...)``, retry backoffs) held in the
-    broker's delay topology instead of Dramatiq's ``.DQ`` queue in worker memory.
+    """RabbitMQ with confirms and deadlines always on, several nodes, and broker-held delays.
+
+    ``url`` (or ``settings.broker_url``) may list several nodes, comma-separated, or be a list.
+    ``middleware`` is Dramatiq's list; jobflow puts its own in the places of Retries and TimeLimit.
+    ``max_priority`` declares classic work queues with ``x-max-priority`` (quorum queues refuse it).
     """
 
-    def __init__(self, url: str, *, settings: Settings) -> None:
-        params = pika.URLParameters(url)
-        given = parse_qs(urlsplit(url).query)
-        for key, value in _CONNECTION_DEFAULTS.items():
-            if key not in given:
-                setattr(params, key, value)
-        super().__init__(confirm_delivery=True, parameters=None, middleware=_middleware())
-        self.parameters = [params]
-        self.url = url
-        self.settings = settings
+    def __init__(
+        self,
+        url: str | Sequence[str] | None = None,
+        *,
+        settings: Settings | None = None,
+        middleware: list[Middleware] | None = None,
+        max_priority: int | None = None,
+        confirm_delivery: bool = True,
+    ) -> None:
+        if url is not None:
+            joined = url if isinstance(url, str) else ",".join(url)
+            settings = (settings or Settings()).model_copy(update={"broker_url": joined})
+        self.settings = settings = settings or Settings()
+        self.urls = split_urls(settings.broker_url.replace(";", ","))
+        if max_priority is not None and not 0 < max_priority <= 255:
+            raise ConfigurationError(f"max_priority must be between 1 and 255, got {max_priority!r}")
+        if max_priority and settings.queue_type == "quorum":
+            raise ConfigurationError(
+                "max_priority needs classic work queues (quorum queues refuse x-max-priority):"
+                " set JOBFLOW_QUEUE_TYPE=classic, or drop max_priority"
+            )
+        super().__init__(confirm_delivery=True, middleware=stack(middleware), max_priority=max_priority)
+        #: Consumers connect with Dramatiq's BlockingConnection, trying the nodes in turn.
+        self.parameters = cluster_parameters(self.urls, CONSUMER_DEFAULTS)
+        self.url = settings.broker_url
         self.topology = DelayTopology(settings.queue_prefix, settings.delay_queue_type)
-        self._ladder_declared = False
+        self.publisher = Publisher(
+            cluster_parameters(self.urls, PUBLISHER_DEFAULTS), self.urls, timeout=settings.publish_timeout
+        )
+        self.publisher.require(Requirement(LADDER, self.topology.declare_steps, explain=self._explain_ladder))
         self.retimer = LadderRetimer(self.parameters, settings.queue_prefix)
         self._consumed: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"JobflowRabbitmqBroker({redact_url(self.url)!r})"
+        return f"JobflowRabbitmqBroker({self.publisher.shown!r})"
 
     @property
     def consumer_class(self) -> type[JobflowConsumer]:
         return JobflowConsumer  # screens poison and keeps each delivery's body for its dead letter
 
-    def _declare_xq_queue(self, queue_name: str) -> Any:
-        # Without Dramatiq's 7-day TTL; a quorum queue in quorum mode, so dead letters are replicated too.
-        return declare_dead_letter_queue(self, queue_name, queue_type_arguments(self.settings.queue_type))
+    # --- queues -----------------------------------------------------------------------------
+
+    def declare_queue(self, queue_name: str, *, ensure: bool = False) -> None:
+        canonical = q_name(queue_name)
+        if canonical not in self.queues:
+            self.publisher.require(
+                Requirement(
+                    queue_key(canonical),
+                    partial(self._queue_steps, canonical),
+                    after=(LADDER,),
+                    explain=partial(self._explain_queue, canonical),
+                )
+            )
+        super().declare_queue(queue_name, ensure=ensure)
+
+    def _queue_steps(self, queue: str, version: ServerVersion) -> list[Step]:
+        queue_type = self.settings.queue_type
+        args = work_queue_arguments(queue, queue_type, version, max_priority=self.max_priority)
+        return [
+            Step("queue_declare", {"queue": queue, "durable": True, "arguments": args}),
+            # Dramatiq's .DQ: jobflow never delays through it, but a worker drains what plain
+            # Dramatiq producers left there, so an application can switch without stranding any.
+            Step("queue_declare", {"queue": dq_name(queue), "durable": True, "arguments": args}),
+            Step(
+                "queue_declare",
+                {
+                    "queue": dead_letter_queue(queue),
+                    "durable": True,
+                    "arguments": dead_letter_queue_arguments(queue_type, version),
+                },
+                # Plain Dramatiq's .XQ (a 7-day TTL) cannot be declared anew: use it as it is, and say so.
+                ok_codes=(406,),
+                note="its messages may expire; move them and delete the queue so jobflow declares it without a TTL",
+            ),
+            Step("queue_declare", {"queue": dead_letter_queue(queue), "passive": True}),
+            self.topology.bind_destination_step(queue),
+        ]
+
+    def _ensure_queue(self, canonical_queue_name: str) -> None:
+        pending = _dramatiq.pending_queues(self)
+        if canonical_queue_name in pending:
+            self.publisher.wait(self.publisher.ensure(queue_key(canonical_queue_name)))
+            pending.discard(canonical_queue_name)
+
+    def _explain_queue(self, queue: str, step: Step, code: int, text: str) -> JobflowError:
+        setting = f"JOBFLOW_QUEUE_TYPE={self.settings.queue_type}"
+        if code == 406 and "x-queue-type" in text:
+            other = "classic" if self.settings.queue_type == "quorum" else "quorum"
+            return ConfigurationError(
+                f"queue {step.kwargs.get('queue')!r} already exists as a {other} queue, but {setting} asks for"
+                f" {self.settings.queue_type}: set JOBFLOW_QUEUE_TYPE={other} to keep it, or migrate: stop its"
+                " workers and producers, move its messages to a temporary queue (a shovel does it), delete it,"
+                " start one worker so that jobflow declares it anew, and move the messages back"
+            )
+        if code == 406:
+            return ConfigurationError(
+                f"queue {step.kwargs.get('queue')!r} exists with other arguments than jobflow declares ({text});"
+                f" with {setting}, move its messages and delete it so that jobflow declares it anew"
+            )
+        return self._refused(step, code, text)
+
+    def _explain_ladder(self, step: Step, code: int, text: str) -> JobflowError:
+        if code == 406:
+            return ConfigurationError(
+                f"the delay ladder of prefix {self.settings.queue_prefix!r} exists with other arguments than"
+                f" JOBFLOW_DELAY_QUEUE_TYPE={self.settings.delay_queue_type!r} asks for ({text}); set the type it"
+                " was declared with, or move its messages and delete it"
+            )
+        return self._refused(step, code, text)
+
+    def _refused(self, step: Step, code: int, text: str) -> JobflowError:
+        if code == 403:
+            return ConfigurationError(
+                f"{self.publisher.shown} refused {step.describe()} ({text}): the user needs configure, write and"
+                " read permissions on this vhost, or an operator declares the topology (`jobflow topology declare`)"
+            )
+        return ConfigurationError(f"{self.publisher.shown} refused {step.describe()}: {code} {text}")
+
+    def declare_topology(self) -> None:
+        """Declare the ladder and every queue declared so far, now, or raise what stops it."""
+        for queue in sorted(self.queues):
+            self.declare_queue(queue, ensure=True)
+        self.publisher.wait(self.publisher.ensure(LADDER))
+
+    def delete_topology(self) -> None:
+        """Delete every queue declared here (with its ``.XQ``) and the ladder, messages and all."""
+        steps = [
+            Step("queue_delete", {"queue": name}, ok_codes=(404,))
+            for queue in sorted(self.queues)
+            for name in (queue, dead_letter_queue(queue))
+        ]
+        self.publisher.wait(self.publisher.declare([*steps, *self.topology.delete_steps()]))
+        self.publisher.forget(LADDER, *(queue_key(q) for q in self.queues))
+        _dramatiq.pending_queues(self).update(self.queues)
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        """Publish ``message``, confirmed; with ``delay`` (ms) it waits in the ladder first."""
+        canonical = q_name(message.queue_name)
+        if message.queue_name != canonical:
+            message = message.copy(queue_name=canonical)  # never Dramatiq's .DQ: the ladder holds delays
+        if delay is not None:
+            delay = math.ceil(delay)  # never shorter than asked: 0.5 ms waits 1 ms
+            if delay > MAX_DELAY_MS:
+                raise SchedulingError(f"a delay can be at most {MAX_DELAY_MS} ms (about 8.7 years), got {delay} ms")
+            delay = delay if delay > 0 else None
+        self.declare_queue(canonical)
+        self.emit_before("enqueue", message, delay)
+        due = message.options.get(DUE_OPTION)
+        later = isinstance(due, int) and due > current_millis()
+        future = self.publisher.publish(
+            route=partial(self._route, canonical, due if isinstance(due, int) else None),
+            body=message.encode(),
+            properties=pika.BasicProperties(delivery_mode=2, priority=message.options.get("broker_priority")),
+            requires=(queue_key(canonical), LADDER) if later else (queue_key(canonical),),
+            what=describe_message(message),
+            ident=identity(message),
+        )
+        self.publisher.wait(future)
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def _route(self, queue: str, due_ms: int | None) -> tuple[str, str]:
+        """Where a message goes, decided as it is written: its remaining delay counts from now."""
+        remaining = min(due_ms - current_millis(), MAX_DELAY_MS) if due_ms is not None else 0
+        if remaining <= 0:
+            return "", queue
+        return delay_exchange(self.settings.queue_prefix, entry_level(remaining)), routing_key(remaining, queue)
 
     def publish_dead_letter(
         self, source_queue: str, body: bytes, record: DeadLetter, headers: dict[str, Any] | None = None
     ) -> None:
         """Publish a dead letter to ``<source_queue>.XQ``, confirmed; raises if it was not."""
-        publish_dead_letter(self, source_queue, body, record, headers)
+        self.publisher.wait(self.publish_dead_letter_async(source_queue, body, record, headers))
+
+    def publish_dead_letter_async(
+        self, source_queue: str, body: bytes, record: DeadLetter, headers: dict[str, Any] | None = None
+    ) -> Any:
+        """The same, without waiting: a future done once RabbitMQ confirmed it (or failed)."""
+        canonical = q_name(source_queue)
+        self.declare_queue(canonical)
+        kept = {k: v for k, v in (headers or {}).items() if k != "x-death"}  # 3.x drops a cycle it sees
+        xq = dead_letter_queue(canonical)
+        return self.publisher.publish(
+            route=lambda: ("", xq),
+            body=body,
+            properties=pika.BasicProperties(delivery_mode=2, headers={**kept, HEADER: record.to_header()}),
+            requires=(queue_key(canonical),),
+            what=f"the dead letter of {record.kind or 'message'} {record.message_id or '(no id)'}",
+            ident={"name": record.name, "version": record.version, "job_id": record.message_id},
+        )
+
+    # --- consuming --------------------------------------------------------------------------
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
-        consumer = super().consume(queue_name, prefetch, timeout)
+        try:
+            consumer = super().consume(queue_name, prefetch, timeout)
+        except ConfigurationError as exc:
+            on_fatal = getattr(self, "on_fatal", None)  # set in `dramatiq` worker processes: exit, not loop
+            if on_fatal is not None:
+                on_fatal(exc)
+            raise
         # Dramatiq consumes a queue again only after a connection error; RabbitMQ may have been down,
         # and whatever expired in the ladder meanwhile would run late by the outage: re-time it.
         if queue_name in self._consumed:
@@ -115,81 +267,60 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         self._consumed.add(queue_name)
         return consumer
 
-    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
-        arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)  # type: ignore[no-untyped-call]
-        return arguments | queue_type_arguments(self.settings.queue_type)
+    # --- tests and tools --------------------------------------------------------------------
 
-    def _declare_queue(self, queue_name: str) -> Any:
-        # Runs whenever Dramatiq (re)declares a work queue: the ladder comes with it, idempotently,
-        # once per broker until a publish fails (the ladder may be gone: declare it again).
-        result = super()._declare_queue(queue_name)  # type: ignore[no-untyped-call]
-        if not self._ladder_declared:
-            try:
-                self.topology.declare(self.channel)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code != 406:  # PRECONDITION_FAILED: the ladder exists with other arguments
-                    raise
-                del self.channel
-                raise ConfigurationError(
-                    f"the delay ladder of prefix {self.settings.queue_prefix!r} exists with other arguments"
-                    f" than JOBFLOW_DELAY_QUEUE_TYPE={self.settings.delay_queue_type!r} asks for ({exc.reply_text});"
-                    " set the type it was declared with, or move its messages and delete it"
-                ) from exc
-            self._ladder_declared = True
-        self.topology.bind_destination(self.channel, queue_name)
-        return result
+    def _counts(self, queues: Sequence[str]) -> list[int]:
+        steps = [Step("queue_declare", {"queue": q, "passive": True}, ok_codes=(404,)) for q in queues]
+        replies = self.publisher.wait(self.publisher.declare(steps))
+        return [int(r.method.message_count or 0) if r is not None else 0 for r in replies]
 
-    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        if not delay or delay <= 0:
-            return super().enqueue(message)
-        delay = math.ceil(delay)  # never shorter than asked: 0.5 ms waits 1 ms
-        if delay > MAX_DELAY_MS:
-            raise SchedulingError(f"a delay can be at most {MAX_DELAY_MS} ms (about 8.7 years), got {delay} ms")
-        queue_name = q_name(message.queue_name)
-        attempts = 0
-        while True:
-            try:
-                self.declare_queue(queue_name, ensure=True)
-                self.emit_before("enqueue", message, delay)
-                self.channel.basic_publish(
-                    exchange=delay_exchange(self.settings.queue_prefix, entry_level(delay)),
-                    routing_key=routing_key(delay, queue_name),
-                    body=message.encode(),
-                    properties=pika.BasicProperties(delivery_mode=2),
-                    mandatory=True,
-                )
-                self.emit_after("enqueue", message, delay)
-                return message
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
-                # As Dramatiq does for direct publishes: a fresh connection, the queue declared again.
-                del self.connection
-                self.queues_pending.add(queue_name)
-                self._ladder_declared = False
-                attempts += 1
-                if attempts >= MAX_ENQUEUE_ATTEMPTS:
-                    raise ConnectionClosed(exc) from None
+    def get_queue_message_counts(self, queue_name: str) -> tuple[int, int, int]:
+        """Ready messages in the queue, in the ladder (every destination) and in its ``.XQ``."""
+        queue = q_name(queue_name)
+        counts = self._counts([queue, dead_letter_queue(queue), *self._ladder_queues()])
+        return counts[0], sum(counts[2:]), counts[1]
+
+    def _ladder_queues(self) -> list[str]:
+        prefix = self.settings.queue_prefix
+        return [*delay_queues(prefix), unroutable_queue(prefix)]
+
+    def flush(self, queue_name: str) -> None:
+        queue = q_name(queue_name)
+        purge = [Step("queue_purge", {"queue": q}, ok_codes=(404,)) for q in (queue, dead_letter_queue(queue))]
+        self.publisher.wait(self.publisher.declare(purge))
+
+    def join(
+        self, queue_name: str, min_successes: int = 10, idle_time: int = 100, *, timeout: int | None = None
+    ) -> None:
+        """Wait until ``queue_name`` and the whole ladder are empty ``min_successes`` times in a row.
+
+        Dramatiq's join ignores messages that wait out a delay; here they count, for every queue of
+        the prefix (the ladder is shared), so a join also waits for delayed messages of other queues.
+        """
+        deadline = time.monotonic() + timeout / 1000 if timeout else None
+        successes = 0
+        while successes < min_successes:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise QueueJoinTimeout(queue_name)
+            ready, delayed, _dead = self.get_queue_message_counts(queue_name)
+            successes = successes + 1 if ready + delayed == 0 else 0
+            time.sleep(idle_time / 1000)
+
+    def close(self) -> None:
+        self.publisher.close()
+        super().close()
 
 
-def memory_broker(url: str = "memory://") -> StubBroker:
-    """The process-wide in-memory broker for this URL: schedulers and in-process workers share it.
-
-    Like Hangfire's in-memory storage, it is for development, tests and the demo; its messages
-    die with the process.
-    """
-    with _memory_lock:
-        broker = _memory_brokers.get(url)
-        if broker is None:
-            broker = _memory_brokers[url] = StubBroker(middleware=_middleware())
-        return broker
+def identity(message: dramatiq.Message[Any]) -> dict[str, Any]:
+    """The job's (or command's) name, version and id, for errors about ``message``."""
+    name, version = envelope_identity(message.args)
+    return {"name": name, "version": version, "job_id": message.message_id}
 
 
-def create_broker(settings: Settings | None = None) -> dramatiq.Broker:
-    """The broker ``settings.broker_url`` names (``JOBFLOW_BROKER_URL`` by default)."""
-    settings = settings or Settings()
-    url = settings.broker_url
-    scheme = urlsplit(url).scheme
-    if scheme == "memory":
-        return memory_broker(url)
-    if scheme in ("amqp", "amqps"):
-        return JobflowRabbitmqBroker(url, settings=settings)
-    raise ConfigurationError(f"unsupported broker URL {redact_url(url)!r}: use memory://, amqp:// or amqps://")
+def describe_message(message: dramatiq.Message[Any]) -> str:
+    """``job 'SendInvoice' v2 (<id>)``, ``command ...``, or a plain actor's message."""
+    kind = KINDS.get(message.actor_name)
+    name, version = envelope_identity(message.args)
+    if kind is not None and name is not None:
+        return f"{kind} {name!r} v{version} ({message.message_id})"
+    return f"message {message.message_id} for actor {message.actor_name!r}"

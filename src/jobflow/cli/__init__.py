@@ -6,9 +6,10 @@ import sys
 
 import click
 
-from jobflow.cli.commands import jobs, schedule, status
-from jobflow.cli.dead_letters import dead_letters
-from jobflow.cli.topology import topology
+# Imported under other names: the modules jobflow.cli.dead_letters and .topology keep theirs.
+from jobflow.cli import commands as _commands
+from jobflow.cli import dead_letters as _dead_letters
+from jobflow.cli import topology as _topology
 
 
 @click.group()
@@ -35,5 +36,11 @@ def demo(broker_url: str, module: str) -> None:
     sys.exit(0 if ok else 1)
 
 
-for _command in (status, dead_letters, schedule, jobs, topology):
+for _command in (
+    _commands.status,
+    _dead_letters.dead_letters,
+    _commands.schedule,
+    _commands.jobs,
+    _topology.topology,
+):
     main.add_command(_command)

@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from jobflow.broker.rabbitmq import redact_url
+from jobflow.broker import redact_url
 from jobflow.cli.errors import BrokerError
 
 #: A person waits for the command line: fail after seconds, not after Dramatiq's minute of retries.

@@ -16,9 +16,10 @@ from jobflow.cli.errors import UsageProblem
 from jobflow.cli.output import emit_json, status_table, stdout
 from jobflow.cli.status import collect_status
 from jobflow.cli.timespec import parse_duration, parse_time
+from jobflow.envelope import resolve_due
 from jobflow.job import Job
 from jobflow.registry import JobRegistry, default_registry
-from jobflow.schedulers import BrokerJobScheduler, resolve_due
+from jobflow.schedulers import BrokerJobScheduler
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 

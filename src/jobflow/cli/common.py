@@ -18,7 +18,7 @@ import dramatiq
 import pika
 from pydantic import ValidationError
 
-from jobflow.broker.rabbitmq import create_broker, redact_url
+from jobflow.broker import create_broker, redact_url
 from jobflow.cli import amqp
 from jobflow.cli.errors import EXIT_USAGE, OperatorError, UsageProblem
 from jobflow.errors import ConfigurationError, JobflowError, SchedulingError

@@ -12,8 +12,8 @@ from datetime import timedelta
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from jobflow.broker import redact_url
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from jobflow.broker.rabbitmq import redact_url
 from jobflow.errors import ConfigurationError
 from jobflow.log_config import configure_logging
 from jobflow.publish_command import PublishCommandJob
@@ -93,7 +93,6 @@ def run_demo(broker_url: str, *, module: str = "actors", out: TextIO | None = No
 
 
 def _delete_queues(scheduler: BrokerJobScheduler) -> None:
-    channel = scheduler.broker.channel  # type: ignore[attr-defined]
-    for queue in sorted(scheduler.broker.get_declared_queues()):
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            channel.queue_delete(name)
+    delete = getattr(scheduler.broker, "delete_topology", None)
+    if delete is not None:
+        delete()

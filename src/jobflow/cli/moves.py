@@ -28,10 +28,9 @@ from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
 from jobflow.cli.amqp import QueueCounter, acknowledge, broker_error, close_quietly, take
 from jobflow.cli.letters import DeadLetterView, read_dead_letter
 from jobflow.cli.selection import Selection
-from jobflow.dead_letter import REPLAY_OPTION, dead_letter_queue
+from jobflow.dead_letter import FIRST_FAILURE_OPTION, REPLAY_OPTION, dead_letter_queue
 from jobflow.errors import UnknownCommandError, UnknownJobError
 from jobflow.middleware.due_time import DUE_OPTION
-from jobflow.middleware.failures import FIRST_FAILURE_OPTION
 from jobflow.registry import JobRegistry
 
 #: Returns True to remove the dead letter (acknowledge it), False to leave it where it is.

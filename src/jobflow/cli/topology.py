@@ -7,9 +7,9 @@ from typing import cast
 import click
 import pika
 
-from jobflow.broker.ladder import QueueType
+from jobflow.broker import JobflowRabbitmqBroker, create_broker, redact_url
 from jobflow.broker.names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
-from jobflow.broker.rabbitmq import JobflowRabbitmqBroker, create_broker, redact_url
+from jobflow.broker.queues import QueueType
 from jobflow.broker.retimer import retime_ladder
 from jobflow.cli.errors import EXIT_BROKER
 from jobflow.settings import Settings

@@ -2,6 +2,9 @@
 
 Dramatiq drops its own ``eta`` option once a delayed message is released, so jobflow stamps its
 own ``due_ms`` (epoch milliseconds) on every enqueue: first schedules, delayed sends and retries.
+A scheduler stamps it itself, from the caller's ``delay`` or ``run_at``, before it publishes: the
+broker computes the remaining delay from it when the message is written, so time spent connecting
+or declaring never makes a job late.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ class DueTime(Middleware):
     """
 
     def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None) -> None:
-        message.options[DUE_OPTION] = current_millis() + max(0, delay or 0)
+        # A delay counts from now; without one, a due time the caller fixed (a scheduler's run_at,
+        # set before anything talked to the broker) stands, and the broker holds the message until it.
+        if delay is not None or not isinstance(message.options.get(DUE_OPTION), int):
+            message.options[DUE_OPTION] = current_millis() + max(0, delay or 0)
 
     def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         due = message.options.get(DUE_OPTION)

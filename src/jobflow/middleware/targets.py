@@ -7,17 +7,14 @@ policies or time limits: they are looked up from the envelope's ``(name, version
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import dramatiq
 
-from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.broker.names import KINDS, Kind
+from jobflow.envelope import envelope_identity
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.retry import TypeOptions
-
-Kind = Literal["job", "command"]
-
-KINDS: dict[str, Kind] = {RUN_JOB_ACTOR: "job", DISPATCH_COMMAND_ACTOR: "command"}
 
 
 @dataclass(frozen=True)
@@ -34,16 +31,6 @@ def registry_of(broker: dramatiq.Broker) -> JobRegistry:
     """The registry of the actors declared on ``broker`` (``declare_actors`` records them there)."""
     actors = getattr(broker, "_jobflow_actors", None)
     return actors.runner.registry if actors is not None else default_registry
-
-
-def envelope_identity(args: Any) -> tuple[str | None, int | None]:
-    """(name, version) of the envelope in a message's arguments, read leniently: it may be poison."""
-    raw = args[0] if isinstance(args, list | tuple) and len(args) == 1 and isinstance(args[0], dict) else {}
-    name, version = raw.get("name"), raw.get("version")
-    return (
-        name if isinstance(name, str) and name else None,
-        version if isinstance(version, int) and not isinstance(version, bool) else None,
-    )
 
 
 def target_of(broker: dramatiq.Broker, message: Any) -> Target:

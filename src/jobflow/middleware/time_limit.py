@@ -1,9 +1,9 @@
-"""Limits: how long one attempt may run, and how large a message may be.
+"""How long one attempt may run.
 
-A time limit is per job (or command) type, 10 minutes unless its class says otherwise; running
-past it raises Dramatiq's ``TimeLimitExceeded`` in the job's thread, a transient failure. The size
-limit (``JOBFLOW_MAX_PAYLOAD_BYTES``, 1 MiB) is enforced by the scheduler, with a clear error, and
-by the worker's consumer, which dead-letters what is over it unread.
+A jobflow job or command has the time limit of its type (10 minutes unless its class or registry
+says otherwise); a plain Dramatiq actor keeps Dramatiq's rule (the message's ``time_limit``
+option, else the actor's, else 10 minutes, in ms). Running past it raises Dramatiq's
+``TimeLimitExceeded`` in the job's thread: a transient failure.
 """
 
 from __future__ import annotations
@@ -14,12 +14,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import TimeLimit
 
-from jobflow.errors import SchedulingError
 from jobflow.middleware.targets import target_of
-
-#: What the consumer tolerates over the limit: options middleware stamps on the way (due time,
-#: retry count, delay bookkeeping) after the scheduler measured the message.
-CONSUMER_HEADROOM_BYTES = 4096
 
 
 class JobTimeLimit(TimeLimit):
@@ -27,11 +22,11 @@ class JobTimeLimit(TimeLimit):
 
     It must come *after* the failure middleware in the broker's list: ``after_*`` hooks run in
     reverse, so the deadline is disarmed before a retry or dead letter is published and cannot
-    interrupt that publish.
+    interrupt that publish (:func:`jobflow.middleware.stack` keeps that order; a test pins it).
     """
 
-    def __init__(self, *, interval: int = 1000) -> None:
-        super().__init__(interval=interval)
+    def __init__(self, *, time_limit: float = 600_000, interval: int = 1000) -> None:
+        super().__init__(time_limit=time_limit, interval=interval)
         self._started = False
         self._start_lock = threading.Lock()
 
@@ -48,17 +43,13 @@ class JobTimeLimit(TimeLimit):
         # An in-process worker boots no process: start the watchdog with the worker instead.
         self._start(broker)
 
+    def limit_ms(self, broker: dramatiq.Broker, message: Any) -> float:
+        target = target_of(broker, message)
+        if target.kind is not None:
+            return target.options.time_limit.total_seconds() * 1000
+        actor = broker.get_actor(message.actor_name)
+        limit = message.options.get("time_limit") or actor.options.get("time_limit", self.time_limit)
+        return float(limit)
+
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        limit = target_of(broker, message).options.time_limit
-        self.manager.add_timeout(threading.get_ident(), limit.total_seconds() * 1000)  # type: ignore[no-untyped-call]
-
-
-def check_payload_size(size: int, limit: int, *, name: str, version: int) -> None:
-    """Refuse, at schedule time, a message the worker would dead-letter as too large."""
-    if size > limit:
-        raise SchedulingError(
-            f"job ({name!r}, {version}) is {size} bytes as a message, over the limit of {limit} bytes"
-            " (JOBFLOW_MAX_PAYLOAD_BYTES): keep large data in a store and pass the job a reference to it",
-            name=name,
-            version=version,
-        )
+        self.manager.add_timeout(threading.get_ident(), self.limit_ms(broker, message))  # type: ignore[no-untyped-call]

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -115,6 +116,15 @@ class DeadLetters:
 
     def count(self, queue: str) -> int:
         return int(self.channel.queue_declare(queue, passive=True).method.message_count or 0)
+
+    def settled(self, queue: str, expected: int, timeout: float = 5.0) -> int:
+        """The count once it is ``expected``, or the last one seen after ``timeout``: a quorum queue
+        takes back what a closed connection left unacked asynchronously, so a count right after
+        a command may not include them yet."""
+        deadline = time.monotonic() + timeout
+        while (seen := self.count(queue)) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return seen
 
     def drain(self, queue: str) -> list[tuple[dict[str, Any], pika.BasicProperties]]:
         """Take every message from ``queue`` (decoded as Dramatiq JSON), leaving it empty."""

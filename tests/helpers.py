@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -24,3 +25,12 @@ def tracked_worker(
 
 def wait(tracker: OutcomeTracker, done: Callable[[OutcomeTracker], bool], timeout: float = 20.0) -> None:
     assert tracker.wait_for(done, timeout), f"timed out; outcomes so far: {tracker.outcomes}"
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

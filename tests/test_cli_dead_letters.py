@@ -59,10 +59,10 @@ class TestList:
             "retries_exhausted",
         )
         assert datetime.fromisoformat(row["failed_at"]) <= datetime.now(UTC)
-        assert maker.count(_xq(amqp_settings)) == 2
+        assert maker.settled(_xq(amqp_settings), 2) == 2
         again = run_json("dead-letters", "list", settings=amqp_settings)
         assert {row["id"] for row in again["dead_letters"]} == {first, second}
-        assert maker.count(_xq(amqp_settings)) == 2
+        assert maker.settled(_xq(amqp_settings), 2) == 2
 
     def test_table(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """Without --json a table shows the rows."""
@@ -137,7 +137,7 @@ class TestShow:
         assert result.exit_code == 0, result.output
         assert "Traceback (most recent call last)" in result.stdout
         assert '"text": "data!"' in result.stdout
-        assert maker.count(_xq(amqp_settings)) == 1
+        assert maker.settled(_xq(amqp_settings), 1) == 1
 
     def test_not_found(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """An id no dead letter has exits 3."""
@@ -157,11 +157,11 @@ class TestPurge:
         assert "Purge 2 dead letter(s) for good?" in declined.output
         no_answer = run_cli("dead-letters", "purge", "--all", settings=amqp_settings, input="")
         assert no_answer.exit_code == 1
-        assert maker.count(_xq(amqp_settings)) == 2
+        assert maker.settled(_xq(amqp_settings), 2) == 2
         accepted = run_cli("dead-letters", "purge", "--all", settings=amqp_settings, input="y\n")
         assert accepted.exit_code == 0, accepted.output
         assert "purged 2 dead letter(s)" in accepted.stdout
-        assert maker.count(_xq(amqp_settings)) == 0
+        assert maker.settled(_xq(amqp_settings), 0) == 0
 
     def test_by_id_and_filter(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """Purge removes exactly the chosen dead letters: by id, or by filter; --json parses."""
@@ -173,7 +173,7 @@ class TestPurge:
         left = run_json("dead-letters", "list", settings=amqp_settings)["dead_letters"]
         assert {row["id"] for row in left} == {b, c}
         assert run_json("dead-letters", "purge", "--error", "ValueError", "--yes", settings=amqp_settings)["moved"] == 2
-        assert maker.count(_xq(amqp_settings)) == 0
+        assert maker.settled(_xq(amqp_settings), 0) == 0
 
     def test_missing_ids_and_no_target(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """An id not there exits 3 (the others are purged); no IDs, --all or filter is a usage error."""
@@ -181,7 +181,7 @@ class TestPurge:
         result = run_cli("dead-letters", "purge", a, "not-there", "--yes", settings=amqp_settings)
         assert result.exit_code == 3
         assert "not-there" in result.stderr
-        assert maker.count(_xq(amqp_settings)) == 0
+        assert maker.settled(_xq(amqp_settings), 0) == 0
         bare = run_cli("dead-letters", "purge", "--yes", settings=amqp_settings)
         assert bare.exit_code == 2
         assert "IDs, --all, or filters" in bare.stderr

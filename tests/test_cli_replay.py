@@ -54,7 +54,7 @@ class TestReplay:
         result = _replay(amqp_settings, fresh, again)
         assert result.exit_code == 0, result.output
         assert "replayed 2 dead letter(s)" in result.stdout
-        assert maker.count(dead_letter_queue(maker.jobs)) == 0
+        assert maker.settled(dead_letter_queue(maker.jobs), 0) == 0
         messages = {m["message_id"]: m for m, _ in maker.drain(maker.jobs)}
         assert set(messages) == {fresh, again}
         options = messages[fresh]["options"]
@@ -106,8 +106,8 @@ class TestReplay:
         result = _replay(amqp_settings, "--all", "--dry-run")
         assert result.exit_code == 0, result.output
         assert "would replay 3 dead letter(s); nothing changed" in result.stdout
-        assert maker.count(dead_letter_queue(maker.jobs)) == 3
-        assert maker.count(maker.jobs) == 0
+        assert maker.settled(dead_letter_queue(maker.jobs), 3) == 3
+        assert maker.settled(maker.jobs, 0) == 0
         listed = run_json("dead-letters", "list", settings=amqp_settings)["dead_letters"]
         assert {row["id"] for row in listed} == ids
         assert all(row["replay_count"] == 0 for row in listed)
@@ -145,7 +145,7 @@ class TestReplay:
         without = subprocess.run([*program, *where], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert without.returncode == 1, without.stderr
         assert f"refused {ident} (TouchFile): unknown job ('TouchFile', 1)" in without.stdout
-        assert maker.count(dead_letter_queue(maker.jobs)) == 1
+        assert maker.settled(dead_letter_queue(maker.jobs), 1) == 1
         with_module = subprocess.run(
             [*program, *where, "-m", "tests.worker_app"],
             check=False,
@@ -156,7 +156,7 @@ class TestReplay:
         )
         assert with_module.returncode == 0, with_module.stderr
         assert with_module.stdout == "replayed 1 dead letter(s)\n"
-        assert maker.count(dead_letter_queue(maker.jobs)) == 0
+        assert maker.settled(dead_letter_queue(maker.jobs), 0) == 0
 
     def test_filters_choose(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """Filters replay only the matching dead letters; --json output parses."""
@@ -181,7 +181,7 @@ class TestReplay:
         missing = _replay(amqp_settings, "no-such-id")
         assert missing.exit_code == 3
         assert "no-such-id" in missing.stderr
-        assert maker.count(dead_letter_queue(maker.jobs)) == 1
+        assert maker.settled(dead_letter_queue(maker.jobs), 1) == 1
 
     def test_delay_waits_in_the_broker(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """--delay sends the job back to wait in the broker: not ready yet, counted as scheduled."""
@@ -232,7 +232,7 @@ class TestReplayIsLossFree:
 
         second = _replay(amqp_settings, "--all")
         assert second.exit_code == 0, second.output
-        assert maker.count(dead_letter_queue(maker.jobs)) == 0
+        assert maker.settled(dead_letter_queue(maker.jobs), 0) == 0
         arrived = [m["message_id"] for m, _ in maker.drain(jobs_queue(amqp_settings.queue_prefix))]
         assert set(arrived) == ids
         assert len(arrived) - len(ids) <= 1  # a duplicate only for the one in flight when the connection died

@@ -39,7 +39,7 @@ from .faults import (
     vhost_of,
     wait_for_messages,
 )
-from .helpers import tracked_worker, wait
+from .helpers import eventually, tracked_worker, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = RetryPolicy(max_attempts=3, backoff=timedelta(milliseconds=20), max_backoff=timedelta(milliseconds=100))
@@ -76,14 +76,6 @@ def raw_command(name: str, version: int, data: Any, queue: str) -> dict[str, Any
 
 def encode(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields).encode()
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 class App:

@@ -256,7 +256,17 @@ class _IOThread:
     def run(self) -> None:
         self.ioloop.call_later(_SWEEP_S, self.sweep)
         try:
-            self.ioloop.start()
+            while True:
+                try:
+                    self.ioloop.start()
+                    return
+                except Exception as exc:
+                    # pika 1.4 raises out of its own callbacks when a connection is closed during
+                    # its handshake (an AssertionError in base_connection, after it closed the
+                    # socket). That connection is abandoned already: keep serving the others.
+                    logger.debug("publisher.pika_callback_failed", error_type=type(exc).__name__, error=str(exc))
+                    if self.stopping:
+                        return
         finally:
             self.ioloop.close()
 

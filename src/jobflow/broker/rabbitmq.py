@@ -175,11 +175,14 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             )
         return ConfigurationError(f"{self.publisher.shown} refused {step.describe()}: {code} {text}")
 
-    def declare_topology(self) -> None:
-        """Declare the ladder and every queue declared so far, now, or raise what stops it."""
+    def declare_topology(self, *, redeliver: bool = True) -> None:
+        """Declare the ladder and every queue declared so far, now, or raise what stops it; then, in
+        the background, deliver what waited in ``delay.unroutable`` for queues that exist now."""
         for queue in sorted(self.queues):
             self.declare_queue(queue, ensure=True)
         self.publisher.wait(self.publisher.ensure(LADDER))
+        if redeliver:
+            self.retimer.trigger(redeliver_only=True)
 
     def delete_topology(self) -> None:
         """Delete every queue declared here (with its ``.XQ``) and the ladder, messages and all."""

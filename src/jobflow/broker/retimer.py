@@ -23,7 +23,7 @@ import structlog
 from dramatiq.common import current_millis
 
 from jobflow.broker.ladder import MAX_DELAY_MS, entry_level, routing_key
-from jobflow.broker.names import DELAY_LEVELS, delay_exchange, delay_queue, delivery_exchange
+from jobflow.broker.names import DELAY_LEVELS, delay_exchange, delay_queue, delivery_exchange, unroutable_queue
 from jobflow.middleware.due_time import DUE_OPTION
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
@@ -36,6 +36,16 @@ class RetimeResult:
 
     retimed: int = 0
     delivered: int = 0
+    left: int = 0
+
+
+@dataclass
+class RedeliverResult:
+    """What ``<prefix>.delay.unroutable`` held: delivered to its queue (or sent back into the ladder
+    with the delay it has left), or left there because its queue still does not exist."""
+
+    delivered: int = 0
+    retimed: int = 0
     left: int = 0
 
 
@@ -69,12 +79,15 @@ class LadderRetimer:
         self.sweeps_at_s = sweeps_at_s
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._redeliver_only = False
 
-    def trigger(self) -> bool:
-        """Start a re-timing unless one runs or ran just now; True if one was started."""
+    def trigger(self, *, redeliver_only: bool = False) -> bool:
+        """Start a re-timing (or, at a worker's boot, only the redelivery of what waits in
+        ``delay.unroutable``) unless one runs now; True if one was started."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return False
+            self._redeliver_only = redeliver_only
             self._thread = threading.Thread(target=self._run, name="jobflow-retime", daemon=True)
             self._thread.start()
             return True
@@ -87,18 +100,35 @@ class LadderRetimer:
         start = time.monotonic()
         for at in self.sweeps_at_s:
             time.sleep(max(0.0, start + at - time.monotonic()))
-            try:
-                result = retime_ladder(self.parameters, self.prefix)
-            except Exception as exc:
-                logger.warning("ladder.retime_failed", error_type=type(exc).__name__, error=str(exc))
-            else:
-                logger.info(
-                    "ladder.retimed",
-                    retimed=result.retimed,
-                    delivered=result.delivered,
-                    left=result.left,
-                    sweep_at_s=at,
-                )
+            if not self._redeliver_only:
+                try:
+                    result = retime_ladder(self.parameters, self.prefix)
+                except Exception as exc:
+                    logger.warning("ladder.retime_failed", error_type=type(exc).__name__, error=str(exc))
+                else:
+                    logger.info(
+                        "ladder.retimed",
+                        retimed=result.retimed,
+                        delivered=result.delivered,
+                        left=result.left,
+                        sweep_at_s=at,
+                    )
+            self._redeliver(at)
+
+    def _redeliver(self, at: float) -> None:
+        try:
+            result = redeliver_unroutable(self.parameters, self.prefix)
+        except Exception as exc:
+            logger.warning("unroutable.redeliver_failed", error_type=type(exc).__name__, error=str(exc))
+            return
+        if result.delivered or result.retimed or result.left:
+            logger.info(
+                "unroutable.redelivered",
+                delivered=result.delivered,
+                retimed=result.retimed,
+                left=result.left,
+                sweep_at_s=at,
+            )
 
 
 def retime_ladder(parameters: Any, prefix: str) -> RetimeResult:
@@ -153,4 +183,70 @@ def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body
         channel.basic_publish(exchange, routing_key(remaining, destination), body, props, mandatory=True)
         result.retimed += 1
     channel.basic_ack(method.delivery_tag)
+    return True
+
+
+def redeliver_unroutable(parameters: Any, prefix: str) -> RedeliverResult:
+    """Deliver what waits in ``<prefix>.delay.unroutable`` to its queue, where that queue exists now.
+
+    A delayed message lands there when the ladder delivers it while its queue (or the queue's
+    binding) is missing: after a broker restart, before the bindings are back, or before any worker
+    declared a new queue. Published to its queue by name (so a missing binding no longer matters),
+    confirmed, then acknowledged; one not yet due goes back into the ladder with the delay it has left.
+    """
+    result = RedeliverResult()
+    source = unroutable_queue(prefix)
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        try:
+            waiting = channel.queue_declare(source, passive=True).method.message_count or 0
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return result  # no ladder yet: nothing can wait in it
+            raise
+        exists: dict[str, bool] = {}
+        kept: list[int] = []
+        for _ in range(waiting):
+            got: tuple[Any, Any, Any] = channel.basic_get(source, auto_ack=False)
+            method, properties, body = got
+            if method is None:
+                break
+            destination = _destination(method.routing_key)
+            if destination not in exists:
+                exists[destination] = bool(destination) and _queue_exists(connection, destination)
+            if not exists[destination]:
+                kept.append(cast(int, method.delivery_tag))
+                continue
+            headers = {k: v for k, v in (properties.headers or {}).items() if k != "x-death"}
+            props = pika.BasicProperties(delivery_mode=2, headers=headers or None)
+            due = _due_ms(cast(bytes, body))
+            remaining = 0 if due is None else min(due - current_millis(), MAX_DELAY_MS)
+            if remaining > 0:
+                exchange = delay_exchange(prefix, entry_level(remaining))
+                channel.basic_publish(exchange, routing_key(remaining, destination), body, props, mandatory=True)
+                result.retimed += 1
+            else:
+                channel.basic_publish("", destination, body, props, mandatory=True)
+                result.delivered += 1
+            channel.basic_ack(method.delivery_tag)
+        for tag in kept:
+            channel.basic_nack(tag, requeue=True)
+        result.left = len(kept)
+    finally:
+        if connection.is_open:
+            connection.close()
+    return result
+
+
+def _queue_exists(connection: Any, queue: str) -> bool:
+    channel = connection.channel()  # a passive declare of a missing queue closes its channel
+    try:
+        channel.queue_declare(queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return False
+        raise
+    channel.close()
     return True

@@ -62,6 +62,14 @@ def broker_error(url: str, exc: BaseException, doing: str = "connect to") -> Bro
 
 BROKER_FAILURES = (pika.exceptions.AMQPError, OSError)
 
+#: The connection type the commands pass around (so that only this module imports pika).
+Connection = pika.BlockingConnection
+
+
+def cli_parameters(url: str, purpose: str) -> pika.URLParameters:
+    """Connection parameters for a broker tool run by a command (the re-timer, the redelivery)."""
+    return pika.URLParameters(cli_url(url, purpose))
+
 
 def connect(url: str, purpose: str) -> pika.BlockingConnection:
     """A blocking connection for one command, or a :class:`BrokerError` saying what to check."""

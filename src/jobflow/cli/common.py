@@ -15,11 +15,11 @@ from urllib.parse import urlsplit
 
 import click
 import dramatiq
-import pika
 from pydantic import ValidationError
 
 from jobflow.broker import create_broker, redact_url
 from jobflow.cli import amqp
+from jobflow.cli.amqp import Connection
 from jobflow.cli.errors import EXIT_USAGE, OperatorError, UsageProblem
 from jobflow.errors import ConfigurationError, JobflowError, SchedulingError
 from jobflow.log_config import configure_logging
@@ -117,7 +117,7 @@ class Target:
         return self.settings.queue_prefix
 
     @contextmanager
-    def connection(self, purpose: str) -> Iterator[pika.BlockingConnection]:
+    def connection(self, purpose: str) -> Iterator[Connection]:
         with amqp.connection(self.url, purpose) as conn:
             yield conn
 

@@ -21,11 +21,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
-import pika
 from dramatiq.errors import BrokerConnectionError
 
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
-from jobflow.cli.amqp import QueueCounter, acknowledge, broker_error, close_quietly, take
+from jobflow.cli.amqp import Connection, QueueCounter, acknowledge, broker_error, close_quietly, take
 from jobflow.cli.letters import DeadLetterView, read_dead_letter
 from jobflow.cli.selection import Selection
 from jobflow.dead_letter import FIRST_FAILURE_OPTION, REPLAY_OPTION, dead_letter_queue
@@ -41,7 +40,7 @@ Visit = Callable[[DeadLetterView], bool]
 _RESET_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "eta", DUE_OPTION, FIRST_FAILURE_OPTION})
 
 
-def count_dead_letters(conn: pika.BlockingConnection, queues: list[str]) -> dict[str, int]:
+def count_dead_letters(conn: Connection, queues: list[str]) -> dict[str, int]:
     """Ready dead letters per work queue (a missing dead-letter queue holds none)."""
     counter = QueueCounter(conn)
     try:
@@ -51,7 +50,7 @@ def count_dead_letters(conn: pika.BlockingConnection, queues: list[str]) -> dict
 
 
 def walk(
-    conn: pika.BlockingConnection,
+    conn: Connection,
     counts: dict[str, int],
     selection: Selection,
     visit: Visit,

@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pika
 from dramatiq.common import dq_name
 
 from jobflow.broker.names import delay_queues, unroutable_queue
-from jobflow.cli.amqp import QueueCounter
+from jobflow.cli.amqp import Connection, QueueCounter
 from jobflow.cli.selection import work_queues
 from jobflow.dead_letter import dead_letter_queue
 
@@ -69,7 +68,7 @@ class Status:
         }
 
 
-def collect_status(conn: pika.BlockingConnection, prefix: str) -> Status:
+def collect_status(conn: Connection, prefix: str) -> Status:
     """One passive declare per queue; a queue that does not exist counts zero."""
     counter = QueueCounter(conn)
     try:

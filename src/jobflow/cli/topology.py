@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import cast
 
 import click
-import pika
 
 from jobflow.broker import JobflowRabbitmqBroker, create_broker, redact_url
 from jobflow.broker.names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
 from jobflow.broker.queues import QueueType
-from jobflow.broker.retimer import retime_ladder
+from jobflow.broker.retimer import redeliver_unroutable, retime_ladder
+from jobflow.cli.amqp import cli_parameters
 from jobflow.cli.errors import EXIT_BROKER
 from jobflow.settings import Settings
 
@@ -84,8 +84,32 @@ def retime(broker_url: str | None, prefix: str) -> None:
     if broker_url:
         settings = settings.model_copy(update={"broker_url": broker_url})
     try:
-        result = retime_ladder(pika.URLParameters(settings.broker_url), prefix)
+        result = retime_ladder(cli_parameters(settings.broker_url, "topology retime"), prefix)
     except Exception as exc:
         hint = "the URL and credentials; what was done is kept, run it again"
         raise _broker_failure("re-time the ladder", settings.broker_url, exc, hint) from exc
     click.echo(f"re-timed {result.retimed}, delivered {result.delivered} that were due, left {result.left}")
+
+
+@topology.command()
+@click.option("--broker", "broker_url", envvar="JOBFLOW_BROKER_URL", help="amqp://... (default JOBFLOW_BROKER_URL)")
+@click.option("--prefix", envvar="JOBFLOW_QUEUE_PREFIX", default="jobflow", show_default=True)
+def redeliver(broker_url: str | None, prefix: str) -> None:
+    """Deliver the jobs waiting in <prefix>.delay.unroutable to their queues, where those exist now.
+
+    The ladder puts a job there when its queue was missing as it came due (a broker restart before
+    the bindings were back, a queue no worker had declared yet). Workers do this when they start and
+    when they reconnect; jobs whose queue still does not exist stay where they are.
+    """
+    settings = Settings(queue_prefix=prefix)
+    if broker_url:
+        settings = settings.model_copy(update={"broker_url": broker_url})
+    try:
+        result = redeliver_unroutable(cli_parameters(settings.broker_url, "topology redeliver"), prefix)
+    except Exception as exc:
+        hint = "the URL and credentials; what was done is kept, run it again"
+        raise _broker_failure("redeliver", settings.broker_url, exc, hint) from exc
+    click.echo(
+        f"delivered {result.delivered}, sent {result.retimed} not yet due back into the ladder,"
+        f" left {result.left} whose queue does not exist"
+    )

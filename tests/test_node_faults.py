@@ -1,0 +1,127 @@
+"""Broker faults on a RabbitMQ node of the tests' own: ``schedule()`` keeps its deadline, nothing
+confirmed is lost, and the same scheduler works again once the node is back.
+
+Each fault is real: ``rabbitmqctl stop_app``, SIGSTOP of the node, a memory alarm that blocks
+publishers, SIGKILL of the node. Every call must end within ``publish_timeout`` + 1 s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pytest
+
+import jobflow
+from jobflow import Settings
+
+from .conftest import REQUIRE_RABBITMQ
+from .faults import message_count
+from .rabbit_nodes import RabbitNode, missing_tools
+
+pytestmark = pytest.mark.rabbitmq
+
+TIMEOUT = 2.0
+REGISTRY = jobflow.JobRegistry()
+
+
+class Probe(jobflow.Job, name="NodeFaultProbe", registry=REGISTRY):
+    n: int = 0
+
+    def execute(self, ctx: jobflow.JobContext) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[RabbitNode]:
+    why = missing_tools()
+    if why is not None:
+        if REQUIRE_RABBITMQ:
+            pytest.fail(f"fault tests need a RabbitMQ node of their own, but {why}", pytrace=False)
+        pytest.skip(f"!!! NODE FAULT TESTS SKIPPED: {why}")
+    started = RabbitNode("jobflow-faults")
+    try:
+        started.start()
+        yield started
+    finally:
+        started.destroy()
+
+
+@pytest.fixture
+def scheduler(node: RabbitNode) -> Iterator[jobflow.BrokerJobScheduler]:
+    """A scheduler already connected to the node (it scheduled one job), as in a running service."""
+    prefix = f"f-{time.monotonic_ns() % 10**10}"
+    settings = Settings(broker_url=node.url, queue_prefix=prefix, publish_timeout=TIMEOUT)
+    with jobflow.BrokerJobScheduler(settings=settings, registry=REGISTRY) as opened:
+        opened.schedule_now(Probe())
+        yield opened
+
+
+def fails_in_time(call: Callable[[], object]) -> jobflow.BrokerUnavailableError:
+    start = time.monotonic()
+    with pytest.raises(jobflow.BrokerUnavailableError) as info:
+        call()
+    elapsed = time.monotonic() - start
+    print(f"failed after {elapsed:.2f} s: {info.value}")
+    assert elapsed <= TIMEOUT + 1.0, f"took {elapsed:.2f} s"
+    assert "guest:guest" not in str(info.value)
+    assert info.value.name == "NodeFaultProbe"
+    assert info.value.job_id
+    return info.value
+
+
+def recovers(scheduler: jobflow.BrokerJobScheduler, timeout: float = 60) -> str:
+    """The same scheduler schedules again once the node is back (it reconnects by itself)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return scheduler.schedule_now(Probe())
+        except jobflow.BrokerUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_stopped_app(node: RabbitNode, scheduler: jobflow.BrokerJobScheduler) -> None:
+    node.stop_app()
+    try:
+        fails_in_time(lambda: scheduler.schedule_now(Probe()))
+        with jobflow.BrokerJobScheduler(settings=scheduler.settings, registry=REGISTRY) as fresh:
+            fails_in_time(lambda: fresh.schedule_now(Probe()))
+    finally:
+        node.start_app()
+    recovers(scheduler)
+
+
+def test_frozen_node(node: RabbitNode, scheduler: jobflow.BrokerJobScheduler) -> None:
+    node.freeze()
+    try:
+        fails_in_time(lambda: scheduler.schedule_now(Probe()))
+        fails_in_time(lambda: scheduler.schedule(Probe(), delay=timedelta(seconds=30)))
+    finally:
+        node.thaw()
+    recovers(scheduler)
+
+
+def test_blocked_by_a_memory_alarm(node: RabbitNode, scheduler: jobflow.BrokerJobScheduler) -> None:
+    node.block_publishers()
+    try:
+        error = fails_in_time(lambda: scheduler.schedule_now(Probe()))
+        assert "alarm" in str(error)
+    finally:
+        node.unblock_publishers()
+    recovers(scheduler)
+
+
+def test_killed_node_loses_nothing_confirmed(node: RabbitNode, scheduler: jobflow.BrokerJobScheduler) -> None:
+    confirmed = [scheduler.schedule_now(Probe(n=i)) for i in range(200)]
+    assert len(set(confirmed)) == 200
+    node.kill()
+    try:
+        fails_in_time(lambda: scheduler.schedule_now(Probe()))
+    finally:
+        node.restart()
+    recovers(scheduler)
+    # 1 from the fixture, 200 confirmed before the kill, 1 after: every confirmed job survived.
+    assert message_count(node.url, scheduler.queue) >= 202

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import pickle
+import zlib
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import dramatiq
 import pytest
 from dramatiq import Message
 
@@ -222,3 +226,47 @@ class TestRecord:
             reason="undecodable", source_queue="q", error_type="E", error_message="m", previous_headers={HEADER: "{bad"}
         )
         assert record.replay_count == 0
+
+
+class ZlibJSON(dramatiq.Encoder):
+    """An application's own encoder: compressed JSON."""
+
+    def encode(self, data: dict[str, Any]) -> bytes:
+        return zlib.compress(json.dumps(data).encode())
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        return dict(json.loads(zlib.decompress(data)))
+
+
+@pytest.fixture
+def encoder() -> Iterator[Callable[[dramatiq.Encoder], None]]:
+    original = dramatiq.get_encoder()
+    try:
+        yield dramatiq.set_encoder
+    finally:
+        dramatiq.set_encoder(original)
+
+
+class TestEncoders:
+    def test_the_applications_encoder_decodes(self, encoder: Callable[[dramatiq.Encoder], None]) -> None:
+        """A Dramatiq app with its own encoder keeps it on jobflow's broker: bodies are read with it."""
+        encoder(ZlibJSON())
+        result = run_screen(ZlibJSON().encode(message(options={"retries": 1})))
+        assert isinstance(result, Message)
+        assert result.options == {"retries": 1}
+        plain = run_screen(message())
+        assert isinstance(plain, Poison)
+        assert plain.reason == "undecodable"
+        assert "ZlibJSON" in plain.error_message
+
+    def test_pickle_is_never_unpickled(
+        self, encoder: Callable[[dramatiq.Encoder], None], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def refuse(*args: object, **kwargs: object) -> object:
+            raise AssertionError("pickle.loads was called")
+
+        monkeypatch.setattr(pickle, "loads", refuse)
+        encoder(dramatiq.PickleEncoder())
+        result = run_screen(pickle.dumps(message()))
+        assert isinstance(result, Poison)
+        assert (result.reason, result.error_type) == ("undecodable", "PickleRefused")

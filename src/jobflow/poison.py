@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import dramatiq
 from dramatiq.common import current_millis
 from dramatiq.message import Message, generate_unique_id
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -83,10 +84,21 @@ def screen(body: bytes, *, queue_name: str, actors: Any, max_bytes: int) -> Mess
 
 
 def _parse(body: bytes) -> _WireMessage | Poison:
-    try:
-        fields = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return Poison("undecodable", type(exc).__name__, f"the body is not UTF-8 JSON: {exc}")
+    encoder = dramatiq.get_encoder()
+    if isinstance(encoder, dramatiq.PickleEncoder):
+        # Unpickling runs code chosen by whoever wrote the body: jobflow never does it.
+        return Poison("undecodable", "PickleRefused", "jobflow does not unpickle messages (dramatiq.PickleEncoder)")
+    if not isinstance(encoder, dramatiq.JSONEncoder):
+        # An application's own encoder (compression, say): decode as its producers encoded.
+        try:
+            fields = encoder.decode(body)
+        except Exception as exc:  # an encoder may raise anything on bytes it did not write
+            return Poison("undecodable", type(exc).__name__, f"{type(encoder).__name__} cannot decode the body: {exc}")
+    else:
+        try:
+            fields = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return Poison("undecodable", type(exc).__name__, f"the body is not UTF-8 JSON: {exc}")
     try:
         return _WireMessage.model_validate(fields)
     except ValidationError as exc:

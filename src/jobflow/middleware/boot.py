@@ -40,6 +40,8 @@ class WorkerBoot(Middleware):
         if declare is None:
             return
         broker.on_fatal = exit_fatally  # type: ignore[attr-defined]  # consumers meeting one later exit too
+        if isinstance(dramatiq.get_encoder(), dramatiq.PickleEncoder):
+            exit_fatally(ConfigurationError("jobflow's broker does not unpickle: use a JSON or your own encoder"))
         try:
             declare()
         except ConfigurationError as exc:

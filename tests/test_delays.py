@@ -406,10 +406,14 @@ class TestQuorum:
 class TestTopologyCommand:
     @pytest.mark.parametrize(
         ("extra", "work", "ladder"),
-        [([], "classic", "quorum"), (["--delay-queue-type", "classic"], "classic", "classic")],
+        [
+            ([], "quorum", "quorum"),
+            (["--queue-type", "classic"], "classic", "quorum"),
+            (["--queue-type", "classic", "--delay-queue-type", "classic"], "classic", "classic"),
+        ],
     )
     def test_queue_types(self, amqp_settings: Settings, extra: list[str], work: str, ladder: str) -> None:
-        """Work queues are classic and the ladder quorum by default (at-least-once hops); both can be chosen."""
+        """Quorum work queues and ladder by default, as workers declare them; either can be classic."""
         from click.testing import CliRunner
 
         from jobflow.cli import main

@@ -24,6 +24,7 @@ from jobflow.broker.names import (
     delay_exchange,
     delay_queue,
     delivery_exchange,
+    ladder_marker,
     next_exchange,
     unroutable_queue,
 )
@@ -142,7 +143,18 @@ class DelayTopology:
                     },
                 )
             )
+        steps.append(_declare_exchange(ladder_marker(p, self.queue_type), _FANOUT))
         return steps
+
+    def probe_step(self) -> Step:
+        """A passive check of the marker declared last: present, the whole ladder was declared."""
+        marker = ladder_marker(self.prefix, self.queue_type)
+        return Step(
+            "exchange_declare",
+            {"exchange": marker, "exchange_type": _FANOUT, "passive": True},
+            ok_codes=(404,),
+            probe=True,
+        )
 
     def bind_destination_step(self, queue_name: str) -> Step:
         """Lets messages whose delay has passed reach ``queue_name``."""
@@ -165,7 +177,9 @@ class DelayTopology:
                 Step("exchange_delete", {"exchange": delay_exchange(p, level)}),
                 Step("exchange_delete", {"exchange": next_exchange(p, level)}),
             ]
+        markers = [Step("exchange_delete", {"exchange": ladder_marker(p, kind)}) for kind in ("quorum", "classic")]
         return [
+            *markers,  # first: a ladder half deleted must not look declared
             *steps,
             Step("exchange_delete", {"exchange": delivery_exchange(p)}),
             Step("queue_delete", {"queue": unroutable_queue(p)}),

@@ -39,6 +39,15 @@ def next_exchange(prefix: str, level: int) -> str:
     return f"{prefix}.delay.L{level:02d}.next"
 
 
+def ladder_marker(prefix: str, queue_type: str) -> str:
+    """Declared last, after the whole ladder: a producer that finds it skips declaring the ladder.
+
+    It names the queue type (a producer configured for another type declares, and meets the
+    conflict) and the layout version (a release that changes the ladder declares it anew).
+    """
+    return f"{prefix}.delay.ready.{queue_type}.v1"
+
+
 def delivery_exchange(prefix: str) -> str:
     """Where a message whose delay has passed is routed to its destination queue."""
     return f"{prefix}.delay.deliver"

@@ -86,7 +86,11 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         self.publisher = Publisher(
             cluster_parameters(self.urls, PUBLISHER_DEFAULTS), self.urls, timeout=settings.publish_timeout
         )
-        self.publisher.require(Requirement(LADDER, self.topology.declare_steps, explain=self._explain_ladder))
+        self.publisher.require(
+            Requirement(
+                LADDER, self.topology.declare_steps, explain=self._explain_ladder, probe=self.topology.probe_step
+            )
+        )
         self.retimer = LadderRetimer(self.parameters, settings.queue_prefix)
         self._consumed: set[str] = set()
 
@@ -180,6 +184,8 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         the background, deliver what waited in ``delay.unroutable`` for queues that exist now."""
         for queue in sorted(self.queues):
             self.declare_queue(queue, ensure=True)
+        # In full, not probed: a worker's boot is where a ladder of another type must be found.
+        self.publisher.forget(LADDER)
         self.publisher.wait(self.publisher.ensure(LADDER))
         if redeliver:
             self.retimer.trigger(redeliver_only=True)

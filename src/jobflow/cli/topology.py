@@ -33,7 +33,7 @@ def topology() -> None:
     "--queue-type",
     envvar="JOBFLOW_QUEUE_TYPE",
     type=click.Choice(["classic", "quorum"]),
-    default="classic",
+    default="quorum",
     show_default=True,
 )
 @click.option(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,12 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
+from jobflow import Settings
+from jobflow.broker.names import jobs_queue
 from jobflow.cli import main
+
+from .faults import message_count
+from .helpers import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +69,29 @@ def test_demo_on_rabbitmq(rabbitmq_url: str) -> None:
             connection.channel().queue_declare(f"{prefix.group(1)}.jobs", passive=True)
     finally:
         connection.close()
+
+
+@pytest.mark.rabbitmq
+def test_compose_producer_schedules_the_demo_jobs(amqp_settings: Settings) -> None:
+    """compose.yaml's one-shot producer: four jobs on the deployment's queues, the broker named masked."""
+    env = {
+        **os.environ,
+        "JOBFLOW_BROKER_URL": amqp_settings.broker_url,
+        "JOBFLOW_QUEUE_PREFIX": amqp_settings.queue_prefix,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "actors.produce"],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    ids = re.findall(r"^  ([0-9a-f-]{36})  ", out.stdout, re.MULTILINE)
+    assert len(set(ids)) == 4, out.stdout
+    assert ":guest@" not in out.stdout + out.stderr
+    queue = jobs_queue(amqp_settings.queue_prefix)
+    # Three run now; the fourth waits 5 s in the delay ladder.
+    eventually(lambda: message_count(amqp_settings.broker_url, queue) == 3, timeout=10, what="3 jobs queued now")

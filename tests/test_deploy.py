@@ -209,6 +209,42 @@ def test_cluster_conf_names_the_cluster_nodes() -> None:
     assert conf_settings(CLUSTER_CONF)["cluster_formation.peer_discovery_backend"] == "classic_config"
 
 
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    checker = Path(sys.executable).with_name("check-jsonschema")
+    command = [str(checker), "--builtin-schema", "vendor.compose-spec", str(path)]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+
+
+def test_compose_validates_against_the_compose_specification() -> None:
+    """The compose-spec JSON schema (vendored by check-jsonschema) needs neither Docker nor a network."""
+    out = check_compose_schema(COMPOSE)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_schema_check_catches_a_misspelt_key(tmp_path: Path) -> None:
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text().replace("    depends_on:\n", "    depends_onn:\n", 1))
+    out = check_compose_schema(broken)
+    assert out.returncode != 0
+    assert "depends_onn" in out.stdout + out.stderr
+
+
+def test_the_producer_runs_the_demo_once_against_the_worker() -> None:
+    block = top_level_block("producer", indent=2)
+    assert '["python", "-m", "actors.produce"]' in block
+    assert (ROOT / "actors" / "produce.py").is_file()
+    assert re.search(r'^\s+restart: "no"\s*$', block, re.MULTILINE)
+    assert "JOBFLOW_BROKER_URL: amqp://jobflow:${RABBITMQ_PASSWORD}@rabbitmq:5672/" in block
+    assert re.search(r"^\s+worker:\s*\n\s+condition: service_started\s*$", block, re.MULTILINE)
+
+
+def test_the_worker_serves_metrics() -> None:
+    block = service("worker")
+    port = re.search(r'JOBFLOW_METRICS_PORT: "(\d+)"', block)
+    assert port, "the worker serves /metrics"
+    assert re.search(rf'- "127\.0\.0\.1:\d+-\d+:{port[1]}"', block), "published on loopback, a port per replica"
+
+
 def compose_command() -> list[str] | None:
     docker = shutil.which("docker")
     if (

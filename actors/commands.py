@@ -1,23 +1,7 @@
-"""Commands of the example application."""
+"""Commands of the example application: they live in :mod:`jobflow.examples.commands`, shipped with jobflow."""
 
 from __future__ import annotations
 
-import jobflow
+from jobflow.examples.commands import SendEmailCommand, send_email
 
-
-class SendEmailCommand(jobflow.Command, name="SendEmail", version=1):
-    """EventFlow's documentation example of a command published by a job."""
-
-    to: str
-    subject: str
-    body: str = ""
-
-
-@jobflow.command_handler(SendEmailCommand)
-def send_email(command: SendEmailCommand, ctx: jobflow.CommandContext) -> str:
-    """Stands in for an SMTP call; the outbox service, when the application registers one, records it."""
-    outbox = ctx.services.get("outbox")
-    if outbox is not None:
-        outbox.append(command)
-    ctx.log.info("email_sent", to=command.to, subject=command.subject)
-    return ctx.command_id
+__all__ = ["SendEmailCommand", "send_email"]

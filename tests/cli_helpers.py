@@ -14,10 +14,12 @@ from jobflow.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str, settings: Settings | None = None, input: str | None = None) -> Result:
+def run_cli(
+    *args: str, settings: Settings | None = None, input: str | None = None, env: dict[str, str] | None = None
+) -> Result:
     """``jobflow ARGS``, pointed at the test's broker and queue prefix when ``settings`` is given."""
     target = ["--broker", settings.broker_url, "--prefix", settings.queue_prefix] if settings is not None else []
-    return CliRunner().invoke(main, [*args, *target], input=input, catch_exceptions=False)
+    return CliRunner(env=env).invoke(main, [*args, *target], input=input, catch_exceptions=False)
 
 
 def run_json(*args: str, settings: Settings | None = None) -> Any:

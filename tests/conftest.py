@@ -2,17 +2,21 @@
 
 Broker tests talk to the RabbitMQ at ``JOBFLOW_TEST_AMQP_URL`` (default: localhost, guest).
 Each test session gets its own vhost when ``rabbitmqctl`` is at hand (deleted at the end, with
-everything declared in it), and each test its own queue prefix. Without a reachable broker the
+everything declared in it), and each test its own queue prefix. ``JOBFLOW_TEST_RABBITMQCTL`` names
+the command that controls that broker (default ``rabbitmqctl``; for the RabbitMQ 4.x node of
+``scripts/rabbitmq4``, what ``scripts/rabbitmq4 env`` prints). Without a reachable broker the
 tests skip loudly, except under ``CI=true`` or ``JOBFLOW_REQUIRE_RABBITMQ=1``, where they fail.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
@@ -25,6 +29,33 @@ from jobflow.broker.names import commands_queue, jobs_queue
 
 AMQP_URL = os.environ.get("JOBFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REQUIRE_RABBITMQ = os.environ.get("CI") == "true" or os.environ.get("JOBFLOW_REQUIRE_RABBITMQ") == "1"
+#: The command (with its leading arguments) that controls the broker of ``AMQP_URL``.
+RABBITMQCTL = shlex.split(os.environ.get("JOBFLOW_TEST_RABBITMQCTL", "rabbitmqctl"))
+
+
+def have_rabbitmqctl() -> bool:
+    return bool(RABBITMQCTL) and shutil.which(RABBITMQCTL[0]) is not None
+
+
+def rabbitmqctl(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``rabbitmqctl -q ARGS`` against the tests' broker."""
+    return subprocess.run([*RABBITMQCTL, "-q", *args], check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_report_header() -> str:
+    """The broker the RabbitMQ tests use and its version, so that a CI log shows which one ran."""
+    where = f"{urlsplit(AMQP_URL).hostname}:{urlsplit(AMQP_URL).port or 5672}"
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        return f"rabbitmq: not reachable at {where} ({type(exc).__name__})"
+    try:
+        impl: Any = connection._impl  # type: ignore[attr-defined]  # pika keeps the handshake's properties there
+        raw = (impl.server_properties or {}).get("version", b"?")
+    finally:
+        connection.close()
+    version = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return f"rabbitmq: RabbitMQ {version} at {where}, controlled with {shlex.join(RABBITMQCTL)}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,10 +82,6 @@ def _vhost_url(vhost: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="session")
 def rabbitmq_base_url() -> Iterator[str]:
     """A reachable RabbitMQ, in a vhost of this session's own when the broker is local."""
@@ -65,18 +92,18 @@ def rabbitmq_base_url() -> Iterator[str]:
         if REQUIRE_RABBITMQ:
             pytest.fail(f"{reason}; CI=true / JOBFLOW_REQUIRE_RABBITMQ=1 require it", pytrace=False)
         pytest.skip(f"!!! BROKER TESTS SKIPPED: {reason}. Start it with `rabbitmq-server -detached`.")
-    local = urlsplit(AMQP_URL).hostname in ("127.0.0.1", "localhost") and shutil.which("rabbitmqctl")
+    local = urlsplit(AMQP_URL).hostname in ("127.0.0.1", "localhost") and have_rabbitmqctl()
     if not local:
         yield AMQP_URL
         return
     vhost = f"jobflow-test-{uuid.uuid4().hex[:12]}"
     user = urlsplit(AMQP_URL).username or "guest"
-    _rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("add_vhost", vhost)
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
         yield _vhost_url(vhost)
     finally:
-        _rabbitmqctl("delete_vhost", vhost)
+        rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ what RabbitMQ dead-letters by itself when a consumer rejects a message: the body
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +27,8 @@ from jobflow import Job, Settings
 from jobflow.broker.names import RUN_JOB_ACTOR, commands_queue, jobs_queue
 from jobflow.dead_letter import HEADER, DeadLetter, Reason, dead_letter_queue
 from jobflow.envelope import make_envelope
+
+from .conftest import have_rabbitmqctl, rabbitmqctl
 
 
 def job_message(
@@ -163,23 +163,11 @@ def dead_letters(settings: Settings) -> Iterator[DeadLetters]:
 
 def close_cli_connections(url: str) -> int:
     """Close, from the server's side, every connection of the command line in ``url``'s vhost."""
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    assert rabbitmqctl is not None
+    assert have_rabbitmqctl()
     path = urlsplit(url).path
     vhost = unquote(path[1:]) if len(path) > 1 else "/"
-    listing = subprocess.run(
-        [rabbitmqctl, "-q", "list_connections", "-p", vhost, "pid", "client_properties"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    listing = rabbitmqctl("list_connections", "-p", vhost, "pid", "client_properties").stdout
     pids = [line.split("\t", 1)[0] for line in listing.splitlines() if "jobflow-cli" in line]
     for pid in pids:
-        subprocess.run(
-            [rabbitmqctl, "-q", "close_connection", pid, "test: connection killed half-way"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        rabbitmqctl("close_connection", pid, "test: connection killed half-way")
     return len(pids)

@@ -7,7 +7,6 @@ restart or a failover would; nothing about RabbitMQ is simulated.
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,8 @@ import pytest
 
 from jobflow.dead_letter import DeadLetter
 
+from .conftest import rabbitmqctl
+
 Predicate = Callable[[str, bytes], bool]
 
 
@@ -30,10 +31,7 @@ def vhost_of(url: str) -> str:
 
 
 def _rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(
-        ["rabbitmqctl", "-q", "--no-table-headers", *args], check=True, capture_output=True, text=True, timeout=60
-    )
-    return done.stdout
+    return rabbitmqctl("--no-table-headers", *args).stdout
 
 
 def connections(vhost: str) -> list[tuple[str, int]]:
@@ -48,12 +46,7 @@ def close_connections(vhost: str, port: int | None = None) -> int:
     for pid, peer_port in connections(vhost):
         if port is None or peer_port == port:
             # A connection may already be gone when the command runs: that is not an error here.
-            subprocess.run(
-                ["rabbitmqctl", "-q", "close_connection", pid, "closed by a jobflow fault test"],
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
+            rabbitmqctl("close_connection", pid, "closed by a jobflow fault test", check=False)
             closed += 1
     return closed
 

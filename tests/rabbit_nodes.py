@@ -50,15 +50,21 @@ def _raise_nofile() -> None:
 
 
 class RabbitNode:
-    """One RabbitMQ node on 127.0.0.1 with a port of its own; guest may log in over loopback."""
+    """One RabbitMQ node on 127.0.0.1 with a port of its own; guest may log in over loopback.
 
-    def __init__(self, name: str) -> None:
+    ``advanced`` is an ``advanced.config`` term list for the ``rabbit`` application (Erlang terms,
+    e.g. ``{dead_letter_worker_publisher_confirm_timeout, 2000}``), for settings rabbitmq.conf lacks.
+    """
+
+    def __init__(self, name: str, *, advanced: str | None = None) -> None:
         self.node = f"{name}@localhost"
+        self.advanced = advanced
         self.port = _free_port()
         self.dist_port = _free_port()
         self.base = Path(tempfile.mkdtemp(prefix=f"jobflow-{name}-"))
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
         self._pid: int | None = None
+        self.frozen = False
 
     def _ctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -73,6 +79,7 @@ class RabbitNode:
             f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
         )
         (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "advanced.config").write_text(f"[{{rabbit, [{self.advanced or ''}]}}].\n")
         user = pwd.getpwnam("rabbitmq")
         for path in [self.base, *self.base.rglob("*")]:
             os.chown(path, user.pw_uid, user.pw_gid)
@@ -92,6 +99,7 @@ class RabbitNode:
             "RABBITMQ_PID_FILE": str(self.base / "pid"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
         }
         subprocess.run(
             ["setpriv", "--reuid", "rabbitmq", "--regid", "rabbitmq", "--init-groups", SERVER, "-detached"],
@@ -117,6 +125,20 @@ class RabbitNode:
         assert self._pid is not None, "the node is not running"
         return self._pid
 
+    def join(self, other: RabbitNode) -> None:
+        """Join ``other``'s cluster (the Erlang cookie is shared: every node runs as ``rabbitmq``)."""
+        self._ctl("stop_app")
+        self._ctl("join_cluster", other.node)
+        self.start_app()
+
+    def eval(self, expression: str, timeout: float = 30) -> str:
+        """An Erlang expression evaluated on the node (``rabbitmqctl eval``): its printed result."""
+        return self._ctl("eval", expression, timeout=timeout).stdout.strip()
+
+    @property
+    def running(self) -> bool:
+        return self._pid is not None
+
     def stop_app(self) -> None:
         self._ctl("stop_app")
 
@@ -126,9 +148,11 @@ class RabbitNode:
 
     def freeze(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
+        self.frozen = True
 
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+        self.frozen = False
 
     def block_publishers(self) -> None:
         """A memory alarm: RabbitMQ blocks every publishing connection until it clears."""
@@ -158,3 +182,51 @@ class RabbitNode:
                 pass
         # Its helper processes (erl_child_setup, inet_gethost) and epmd registration end with it.
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+#: Every node of the tests' clusters: quorum dead-lettering retries a hop after 2 s, not 180 s
+#: (deploy/rabbitmq/advanced.config; rabbitmq-server issue 12625).
+CLUSTER_ADVANCED = "{dead_letter_worker_publisher_confirm_timeout, 2000}"
+
+
+class RabbitCluster:
+    """Three (or ``size``) nodes of the tests' own, clustered with ``join_cluster``."""
+
+    def __init__(self, name: str, size: int = 3) -> None:
+        self.nodes = [RabbitNode(f"{name}{i + 1}", advanced=CLUSTER_ADVANCED) for i in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self) -> None:
+        first, *others = self.nodes
+        first.start()
+        for node in others:
+            node.start()
+            node.join(first)
+
+    def up(self) -> list[RabbitNode]:
+        return [n for n in self.nodes if n.running and not n.frozen]
+
+    def ctl_node(self) -> RabbitNode:
+        """A node that answers ``rabbitmqctl`` now."""
+        return self.up()[0]
+
+    def leaders(self, vhost: str = "/") -> dict[str, str]:
+        """Each quorum queue's leader node: ``{queue: node}``."""
+        node = self.ctl_node()
+        out = node._ctl("list_queues", "-p", vhost, "name", "type", "leader", "--no-table-headers", timeout=60).stdout
+        leaders: dict[str, str] = {}
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[1] == "quorum":
+                leaders[parts[0]] = parts[2]
+        return leaders
+
+    def node_named(self, node: str) -> RabbitNode:
+        return next(n for n in self.nodes if n.node == node)
+
+    def destroy(self) -> None:
+        for node in self.nodes:
+            node.destroy()

@@ -25,6 +25,7 @@ def test_all_is_pinned() -> None:
         "JobRegistry",
         "JobScheduler",
         "JobflowError",
+        "JobflowTypeError",
         "PermanentError",
         "PublishCommandJob",
         "RegistrationError",

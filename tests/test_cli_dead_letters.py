@@ -65,13 +65,18 @@ class TestList:
         assert maker.settled(_xq(amqp_settings), 2) == 2
 
     def test_table(self, amqp_settings: Settings, maker: DeadLetters) -> None:
-        """Without --json a table shows the rows."""
+        """Without --json a table shows the rows, each within 80 columns, by a short id that `show` accepts."""
         ident = maker.add(TouchFile(path="/a", text="1"), error_type="ValueError", error_message="bad value")
-        result = run_cli("dead-letters", "list", settings=amqp_settings)
+        result = run_cli("dead-letters", "list", settings=amqp_settings, env={"COLUMNS": "80"})  # a terminal's
         assert result.exit_code == 0, result.output
-        assert ident in result.stdout
+        assert ident[:8] in result.stdout
+        assert ident not in result.stdout  # the full UUID wraps an 80-column row
+        assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
         assert "ValueError: bad value" in result.stdout
         assert "1 dead letter(s)" in result.stdout
+        shown = run_cli("dead-letters", "show", ident[:8], settings=amqp_settings)
+        assert shown.exit_code == 0, shown.output
+        assert ident in shown.stdout
 
     def test_raw_dead_letters_are_listed_with_what_is_known(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """A body RabbitMQ dead-lettered itself shows its x-death reason and size; `show` has its first bytes."""
@@ -169,10 +174,12 @@ class TestPurge:
         b = maker.add(TouchFile(path="/b", text="2"), error_type="ValueError")
         c = maker.add(TouchFile(path="/c", text="3"), error_type="ValueError")
         doc = run_json("dead-letters", "purge", a, "--yes", settings=amqp_settings)
-        assert (doc["moved"], doc["not_found"]) == (1, [])
+        assert (doc["purged"], doc["not_found"]) == (1, [])
+        assert [row["id"] for row in doc["dead_letters"]] == [a]
         left = run_json("dead-letters", "list", settings=amqp_settings)["dead_letters"]
         assert {row["id"] for row in left} == {b, c}
-        assert run_json("dead-letters", "purge", "--error", "ValueError", "--yes", settings=amqp_settings)["moved"] == 2
+        doc = run_json("dead-letters", "purge", "--error", "ValueError", "--yes", settings=amqp_settings)
+        assert doc["purged"] == 2
         assert maker.settled(_xq(amqp_settings), 0) == 0
 
     def test_missing_ids_and_no_target(self, amqp_settings: Settings, maker: DeadLetters) -> None:

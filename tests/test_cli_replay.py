@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -23,6 +23,7 @@ from jobflow.cli.output import progress
 from jobflow.dead_letter import dead_letter_queue
 
 from .cli_helpers import ROOT, run_cli, run_json
+from .conftest import have_rabbitmqctl
 from .dead_letters import DeadLetters, close_cli_connections, dead_letters, job_message, record_for
 from .helpers import tracked_worker, wait
 from .worker_app import TouchFile
@@ -126,10 +127,11 @@ class TestReplay:
         result = _replay(amqp_settings, "--all", "--json")
         assert result.exit_code == 1
         doc = json.loads(result.stdout)
-        assert doc["moved"] == 1
+        assert doc["replayed"] == 1
+        assert [row["id"] for row in doc["dead_letters"]] == [ok]
         reasons = {r["id"]: r["reason"] for r in doc["refused"]}
         assert "unknown job ('Gone', 1)" in reasons[gone]
-        assert "-m MODULE" in reasons[gone]
+        assert "not registered by the modules given with -m" in reasons[gone]
         (raw,) = [r for r in reasons if r.startswith("raw-")]
         assert "not a Dramatiq message" in reasons[raw]
         assert "2 dead letter(s) refused" in result.stderr
@@ -137,26 +139,39 @@ class TestReplay:
         assert left == {gone, raw}
         assert [m["message_id"] for m, _ in maker.drain(maker.jobs)] == [ok]
 
-    def test_types_come_from_the_modules_given(self, amqp_settings: Settings, maker: DeadLetters) -> None:
-        """Run as a program without -m, the job type is unknown: the dead letter is refused (exit 1) and stays."""
-        ident = maker.add(TouchFile(path="/a", text="1"))
-        program = [sys.executable, "-c", "from jobflow.cli import main; main()", "dead-letters", "replay", ident]
+    def test_without_modules_bytes_move_and_with_them_types_are_checked(
+        self, amqp_settings: Settings, maker: DeadLetters
+    ) -> None:
+        """Run as a program with no -m, a replay moves the dead letter back though the CLI knows no type;
+        with -m, data the type rejects is refused (it would bounce straight back) unless --force."""
+        fits = {maker.add(TouchFile(path=f"/{n}", text="1")) for n in range(200)}
+        program = [sys.executable, "-c", "from jobflow.cli import main; main()", "dead-letters", "replay"]
         where = ["--broker", amqp_settings.broker_url, "--prefix", amqp_settings.queue_prefix]
-        without = subprocess.run([*program, *where], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert without.returncode == 1, without.stderr
-        assert f"refused {ident} (TouchFile): unknown job ('TouchFile', 1)" in without.stdout
-        assert maker.settled(dead_letter_queue(maker.jobs), 1) == 1
-        with_module = subprocess.run(
-            [*program, *where, "-m", "tests.worker_app"],
-            check=False,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert with_module.returncode == 0, with_module.stderr
-        assert with_module.stdout == "replayed 1 dead letter(s)\n"
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*program, *args, *where], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60
+            )
+
+        without = run("--all")
+        assert without.returncode == 0, without.stderr
+        assert without.stdout == "replayed 200 dead letter(s)\n"
         assert maker.settled(dead_letter_queue(maker.jobs), 0) == 0
+        back = maker.drain(maker.jobs)
+        assert {m["message_id"] for m, _ in back} == fits
+        assert {m["options"]["retries"] for m, _ in back} == {0}
+
+        with warnings.catch_warnings():  # pydantic warns as it writes the data the type rejects
+            warnings.simplefilter("ignore", UserWarning)
+            misfit = maker.add(TouchFile.model_construct(path=7, text="x"))  # type: ignore[arg-type]
+        checked = run(misfit, "-m", "tests.worker_app")
+        assert checked.returncode == 1, checked.stderr
+        assert "does not fit TouchFile v1" in checked.stdout
+        assert "invalid_payload" in checked.stdout
+        assert maker.settled(dead_letter_queue(maker.jobs), 1) == 1
+        forced = run(misfit, "-m", "tests.worker_app", "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert [m["message_id"] for m, _ in maker.drain(maker.jobs)] == [misfit]
 
     def test_filters_choose(self, amqp_settings: Settings, maker: DeadLetters) -> None:
         """Filters replay only the matching dead letters; --json output parses."""
@@ -165,7 +180,7 @@ class TestReplay:
         doc = run_json(
             "dead-letters", "replay", "--error", "KeyError", "-m", "tests.worker_app", settings=amqp_settings
         )
-        assert (doc["moved"], doc["dry_run"], doc["refused"], doc["not_found"]) == (1, False, [], [])
+        assert (doc["replayed"], doc["dry_run"], doc["refused"], doc["not_found"]) == (1, False, [], [])
         assert [m["message_id"] for m, _ in maker.drain(maker.jobs)] == [key]
         remaining = run_json("dead-letters", "list", settings=amqp_settings)["dead_letters"]
         assert [row["id"] for row in remaining] == [value]
@@ -197,7 +212,7 @@ class TestReplayIsLossFree:
         self, amqp_settings: Settings, maker: DeadLetters, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """1,000 dead letters, the CLI's connections closed by the broker half-way: a rerun brings every one back."""
-        if shutil.which("rabbitmqctl") is None:
+        if not have_rabbitmqctl():
             pytest.skip("closing connections from the server side needs rabbitmqctl")
         message = job_message(TouchFile(path="/x", text="x"), maker.jobs)
         ids = set()

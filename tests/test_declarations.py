@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -10,10 +11,13 @@ from typing import Any
 import pika
 import pika.channel
 import pytest
+from structlog.testing import capture_logs
 
 import jobflow
 from jobflow import JobRegistry, Settings
-from jobflow.broker.names import delay_queue
+from jobflow.broker.names import delay_queue, jobs_queue, next_exchange, unroutable_queue
+from jobflow.broker.queues import delay_queue_arguments, parse_version, plain_queue_arguments
+from jobflow.broker.rabbitmq import JobflowRabbitmqBroker
 
 from .faults import message_count
 
@@ -80,3 +84,44 @@ def test_a_missing_level_is_declared_again_in_full(
         second.schedule(Later(), delay=timedelta(hours=1))
     assert calls["queue_bind"] > 700
     assert message_count(amqp_settings.broker_url, level) == 1
+
+
+def test_a_ladder_declared_by_rabbitmq_3_is_used_after_an_upgrade_to_4(
+    amqp_settings: Settings, registry: JobRegistry
+) -> None:
+    """RabbitMQ 3.x queues have no ``x-delivery-limit``; on 4.x jobflow declares ``-1``, which an
+    upgraded broker refuses as inequivalent. The worker must keep them, not refuse to start."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_settings.broker_url))
+    try:
+        impl: Any = connection._impl  # type: ignore[attr-defined]  # the handshake's server properties
+        version = parse_version((impl.server_properties or {}).get("version", ""))
+        if version < (4, 0):
+            pytest.skip(f"RabbitMQ {version}: only RabbitMQ 4 declares x-delivery-limit -1")
+        p = amqp_settings.queue_prefix
+        channel = connection.channel()
+        as_on_3 = delay_queue_arguments(1, next_exchange(p, 0), "quorum", (3, 10))
+        channel.queue_declare(delay_queue(p, 0), durable=True, arguments=as_on_3)
+        channel.queue_declare(unroutable_queue(p), durable=True, arguments=plain_queue_arguments("quorum", (3, 10)))
+    finally:
+        connection.close()
+
+    class Soon(jobflow.Job, registry=registry):
+        def execute(self, ctx: jobflow.JobContext) -> None:
+            pass
+
+    broker = JobflowRabbitmqBroker(settings=amqp_settings.model_copy(update={"queue_type": "quorum"}))
+    try:
+        with capture_logs() as logs:
+            broker.declare_queue(jobs_queue(p))
+            broker.declare_topology(redeliver=False)  # a worker's boot: the ladder in full
+        with jobflow.BrokerJobScheduler(broker=broker, registry=registry) as scheduler:
+            scheduler.schedule(Soon(), delay=timedelta(milliseconds=1))  # through level 0
+    finally:
+        broker.close()
+    kept = [e for e in logs if e["event"] == "topology.kept_as_is"]
+    assert {e["step"] for e in kept} >= {f"queue_declare {delay_queue(p, 0)}", f"queue_declare {unroutable_queue(p)}"}
+    assert all("delivery-limit" in e["hint"] for e in kept)
+    deadline = time.monotonic() + 10
+    while message_count(amqp_settings.broker_url, jobs_queue(p)) < 1:
+        assert time.monotonic() < deadline, "the job delayed through the upgraded level never arrived"
+        time.sleep(0.1)

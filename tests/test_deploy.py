@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from jobflow import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -193,8 +195,8 @@ def test_workers(name: str, brokers: list[str]) -> None:
     assert re.search(r"^\s+dockerfile: deploy/Dockerfile\s*$", block, re.MULTILINE)
     grace = re.search(r"^\s+stop_grace_period: (\S+)\s*$", block, re.MULTILINE)
     assert grace, f"{name} needs a stop_grace_period, or docker kills running jobs after 10 s"
-    # Dramatiq's --worker-shutdown-timeout defaults to 10 minutes, as does jobflow's time limit.
-    assert duration(grace[1]) > timedelta(minutes=10)
+    # A stopping worker drains for JOBFLOW_SHUTDOWN_TIMEOUT (10 minutes, as jobflow's time limit).
+    assert duration(grace[1]) > timedelta(seconds=Settings.model_fields["shutdown_timeout"].default)
     url = re.search(r"JOBFLOW_BROKER_URL: (?:>-\s*)?(\S+)", block)
     assert url, f"{name} sets JOBFLOW_BROKER_URL"
     assert [u.rsplit("@", 1)[1] for u in url[1].split(",")] == [f"{b}:5672/" for b in brokers]

@@ -130,3 +130,20 @@ def test_killed_node_loses_nothing_confirmed(node: RabbitNode, scheduler: jobflo
     recovers(scheduler)
     # 2 from the fixture, 200 confirmed before the kill, 1 after: every confirmed job survived.
     assert message_count(node.url, scheduler.queue) >= 203
+
+
+def test_schedule_many_names_every_unconfirmed_job(node: RabbitNode, scheduler: jobflow.BrokerJobScheduler) -> None:
+    node.block_publishers()
+    try:
+        jobs = [Probe(n=i) for i in range(100)]
+        start = time.monotonic()
+        with pytest.raises(jobflow.BrokerUnavailableError) as info:
+            scheduler.schedule_many(jobs)
+        elapsed = time.monotonic() - start
+        print(f"schedule_many of 100 failed after {elapsed:.2f} s: {info.value}")
+        assert elapsed <= TIMEOUT + 1.0
+        assert len(set(info.value.job_ids)) == 100
+        assert "100 of 100" in str(info.value)
+    finally:
+        node.unblock_publishers()
+    recovers(scheduler)

@@ -183,6 +183,6 @@ class TestWorkerProcess:
         succeeded = [e for e in events if e.get("event") == "job.succeeded" and e.get("job_id") == job_id]
         assert succeeded, text[-2000:]
         assert succeeded[0]["job_name"] == "AsyncTouchFile"
-        assert "worker.configured" in {e.get("event") for e in events}
+        assert "worker.started" in {e.get("event") for e in events}
         password = amqp_settings.broker_url.split("@")[0].rsplit(":", 1)[1]
         assert f":{password}@" not in text

@@ -9,15 +9,14 @@ command types.
 from __future__ import annotations
 
 import dramatiq
-import structlog
 
-from jobflow.broker import create_broker, redact_url
+from jobflow.broker import create_broker
 from jobflow.log_config import configure_logging
 from jobflow.settings import Settings
 from jobflow.worker import declare_actors
 
 settings = Settings()
-configure_logging(settings.log_format, settings.log_level)
+configure_logging(settings.log_format, settings.log_level, job_data=settings.log_job_data)
 broker = create_broker(settings)
 dramatiq.set_broker(broker)
 _actors = declare_actors(broker, settings=settings)
@@ -26,7 +25,3 @@ run_job = _actors.run_job
 dispatch_command = _actors.dispatch_command
 
 __all__ = ["broker", "dispatch_command", "run_job"]
-
-structlog.get_logger("jobflow").info(
-    "worker.configured", broker=redact_url(settings.broker_url), queue_prefix=settings.queue_prefix
-)

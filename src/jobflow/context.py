@@ -28,9 +28,10 @@ class JobContext:
     attempt: int
     due_at: datetime | None
     queue: str
-    log: structlog.typing.FilteringBoundLogger
-    command_bus: CommandBus
-    services: Mapping[str, Any] = field(default_factory=dict)
+    log: structlog.typing.FilteringBoundLogger = field(repr=False)
+    command_bus: CommandBus = field(repr=False)
+    #: Out of the repr: services hold clients and their credentials (a DSN, an API key).
+    services: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -43,5 +44,6 @@ class CommandContext:
     attempt: int
     queue: str
     job_id: str | None
-    log: structlog.typing.FilteringBoundLogger
-    services: Mapping[str, Any] = field(default_factory=dict)
+    log: structlog.typing.FilteringBoundLogger = field(repr=False)
+    #: Out of the repr: services hold clients and their credentials (a DSN, an API key).
+    services: Mapping[str, Any] = field(default_factory=dict, repr=False)

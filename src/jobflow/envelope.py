@@ -25,6 +25,15 @@ MAX_DELAY = timedelta(days=8 * 366)
 PAST_TOLERANCE = timedelta(seconds=1)
 
 
+def describe_validation_error(exc: ValidationError) -> str:
+    """What pydantic rejected, by field, without the input values (job data may hold secrets)."""
+    problems = [
+        f"{'.'.join(str(part) for part in error['loc']) or '(root)'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+    return f"{exc.error_count()} validation error(s): " + "; ".join(problems)
+
+
 class _Envelope(BaseModel):
     # Unknown keys are ignored so that an older worker can run what a newer producer wrote.
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -38,7 +47,8 @@ class _Envelope(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise InvalidPayloadError(f"not a valid {cls.__name__}: {exc}") from exc
+            # Not chained: pydantic's message quotes the input, which may hold secrets.
+            raise InvalidPayloadError(f"not a valid {cls.__name__}: {describe_validation_error(exc)}") from None
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -5,6 +5,7 @@ name, version and id where they are known::
 
     JobflowError
      +-- ConfigurationError        a setting or argument that cannot work (bad URL, bad option)
+     |    +-- JobflowTypeError     an argument of the wrong type, or a class keyword jobflow does not take
      +-- RegistrationError         a second class or handler claims a taken (name, version)
      +-- SchedulingError           misuse of a scheduler (delay and run_at together, naive datetime)
      +-- BrokerUnavailableError    the broker did not confirm in time (also a Dramatiq ConnectionClosed)
@@ -42,6 +43,11 @@ class JobflowError(Exception):
 
 class ConfigurationError(JobflowError, ValueError):
     """A setting or argument that cannot work."""
+
+
+class JobflowTypeError(ConfigurationError, TypeError):
+    """An argument of the wrong type, or a keyword jobflow does not take: also a ``TypeError``,
+    which is what Python raises for such misuse, so code that expects that keeps working."""
 
 
 class RegistrationError(JobflowError):

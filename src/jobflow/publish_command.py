@@ -11,6 +11,7 @@ from pydantic import Field
 from jobflow.command import Command
 from jobflow.context import JobContext
 from jobflow.envelope import CommandEnvelope
+from jobflow.errors import JobflowTypeError
 from jobflow.job import Job
 from jobflow.registry import BUILTIN_JOBS
 
@@ -33,7 +34,10 @@ class PublishCommandJob(Job, name="PublishCommand", version=1):
     @classmethod
     def create(cls, command: Command) -> PublishCommandJob:
         if not isinstance(command, Command):
-            raise TypeError(f"PublishCommandJob.create takes a jobflow.Command, not {type(command).__name__}")
+            raise JobflowTypeError(
+                f"PublishCommandJob.create takes a jobflow.Command instance, not {type(command).__qualname__}"
+                f" ({command!r:.80})"
+            )
         return cls(
             command_name=command.command_name,
             command_version=command.command_version,

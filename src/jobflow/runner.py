@@ -17,17 +17,19 @@ from time import perf_counter
 from typing import Any
 
 import structlog
+from dramatiq.errors import Retry
 from pydantic import ValidationError
 from structlog.contextvars import bound_contextvars
 
 from jobflow.command import Command
 from jobflow.context import CommandBus, CommandContext, JobContext
-from jobflow.envelope import CommandEnvelope, JobEnvelope
-from jobflow.errors import InvalidPayloadError, JobflowError, SchedulingError
+from jobflow.envelope import CommandEnvelope, JobEnvelope, describe_validation_error
+from jobflow.errors import InvalidPayloadError, JobflowError, SchedulingError, TransientError
 from jobflow.job import Job
+from jobflow.log_config import get_logger, job_data_shown
 from jobflow.registry import JobRegistry
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 CoroutineRunner = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -45,21 +47,30 @@ def run_coroutine_here(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 @contextmanager
-def _observed(kind: str, fields: Mapping[str, Any], **started: Any) -> Iterator[structlog.typing.FilteringBoundLogger]:
-    """Bind the fields for everything logged inside, and log started / succeeded / failed once each."""
+def _observed(
+    kind: str, fields: Mapping[str, Any], data: Mapping[str, Any], **started: Any
+) -> Iterator[structlog.typing.FilteringBoundLogger]:
+    """Bind the fields for everything logged inside, and log started / succeeded / failed once each.
+
+    ``data`` (the job's or command's) is logged only where ``JOBFLOW_LOG_JOB_DATA`` allows it: it
+    may hold secrets. An expected :class:`TransientError` is one line, without a traceback.
+    """
     log = logger.bind(**fields)
+    shown = {"data": dict(data)} if job_data_shown() else {}
     with bound_contextvars(**fields):
-        log.info(f"{kind}.started", **started)
+        log.info(f"{kind}.started", **started, **shown)
         t0 = perf_counter()
         try:
             yield log
         except BaseException as exc:
-            log.error(
+            expected = isinstance(exc, TransientError | Retry)
+            (log.warning if expected else log.error)(
                 f"{kind}.failed",
                 duration_ms=round((perf_counter() - t0) * 1000, 3),
                 error_type=type(exc).__name__,
                 error=str(exc),
-                exc_info=True,
+                exc_info=not expected,
+                **shown,
             )
             raise
         log.info(f"{kind}.succeeded", duration_ms=round((perf_counter() - t0) * 1000, 3))
@@ -70,11 +81,12 @@ def _validated(cls: type[Job] | type[Command], envelope: JobEnvelope | CommandEn
         return cls.from_data(envelope.data)
     except ValidationError as exc:
         raise InvalidPayloadError(
-            f"data rejected by {cls.__qualname__} ({envelope.name!r}, {envelope.version}): {exc}",
+            f"data rejected by {cls.__qualname__} ({envelope.name!r}, {envelope.version}):"
+            f" {describe_validation_error(exc)}",
             name=envelope.name,
             version=envelope.version,
             job_id=ident,
-        ) from exc
+        ) from None  # not chained: pydantic's message quotes the input, which may hold secrets
 
 
 class HeldCommands:
@@ -141,7 +153,7 @@ class JobRunner:
     ) -> None:
         """``due_at``, when the message carries one, overrides the envelope's: a retry is due when its backoff ends."""
         lateness = _lateness_ms(due_at or envelope.due_at)
-        with _observed("job", self._job_fields(envelope, attempt, queue), lateness_ms=lateness) as log:
+        with _observed("job", self._job_fields(envelope, attempt, queue), envelope.data, lateness_ms=lateness) as log:
             job, ctx, held = self._prepare_job(envelope, attempt, queue, log)
             result = job.execute(ctx)
             if inspect.isawaitable(result):
@@ -150,7 +162,7 @@ class JobRunner:
 
     async def run_job_async(self, envelope: JobEnvelope, *, attempt: int, queue: str) -> None:
         with _observed(
-            "job", self._job_fields(envelope, attempt, queue), lateness_ms=_lateness_ms(envelope.due_at)
+            "job", self._job_fields(envelope, attempt, queue), envelope.data, lateness_ms=_lateness_ms(envelope.due_at)
         ) as log:
             job, ctx, held = self._prepare_job(envelope, attempt, queue, log)
             result = job.execute(ctx)
@@ -189,7 +201,7 @@ class JobRunner:
     def dispatch_command(
         self, envelope: CommandEnvelope, *, attempt: int, queue: str, run_coroutine: CoroutineRunner
     ) -> Any:
-        with _observed("command", self._command_fields(envelope, attempt, queue)) as log:
+        with _observed("command", self._command_fields(envelope, attempt, queue), envelope.data) as log:
             command, handler, ctx = self._prepare_command(envelope, attempt, queue, log)
             result = handler(command, ctx)
             if inspect.isawaitable(result):
@@ -197,7 +209,7 @@ class JobRunner:
             return result
 
     async def dispatch_command_async(self, envelope: CommandEnvelope, *, attempt: int, queue: str) -> Any:
-        with _observed("command", self._command_fields(envelope, attempt, queue)) as log:
+        with _observed("command", self._command_fields(envelope, attempt, queue), envelope.data) as log:
             command, handler, ctx = self._prepare_command(envelope, attempt, queue, log)
             result = handler(command, ctx)
             if inspect.isawaitable(result):

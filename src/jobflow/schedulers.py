@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -12,6 +13,7 @@ import structlog
 
 from jobflow.broker import create_broker
 from jobflow.broker.names import RUN_JOB_ACTOR, jobs_queue
+from jobflow.broker.rabbitmq import JobflowRabbitmqBroker
 from jobflow.envelope import (
     MAX_DELAY,
     CommandEnvelope,
@@ -20,13 +22,15 @@ from jobflow.envelope import (
     make_envelope,
     requested_in_past,
 )
+from jobflow.errors import BrokerUnavailableError
 from jobflow.job import Job
+from jobflow.log_config import get_logger
 from jobflow.middleware.due_time import DUE_OPTION
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.runner import JobRunner, run_coroutine_here
 from jobflow.settings import Settings
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 __all__ = ["MAX_DELAY", "BrokerJobScheduler", "InstantJobScheduler", "JobScheduler"]
 
@@ -38,6 +42,14 @@ class JobScheduler(Protocol):
     def schedule(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str: ...
 
     def schedule_now(self, job: Job) -> str: ...
+
+    def schedule_many(
+        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+    ) -> list[str]: ...
+
+    async def schedule_many_async(
+        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+    ) -> list[str]: ...
 
     async def schedule_async(
         self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None
@@ -66,6 +78,17 @@ class InstantJobScheduler:
     def __init__(self, registry: JobRegistry | None = None) -> None:
         self.registry = registry or default_registry
 
+    def close(self) -> None:
+        """Nothing to close: there for code written against either scheduler."""
+
+    def __enter__(self) -> InstantJobScheduler:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
     def _prepare(
         self, job: Job, delay: timedelta | None, run_at: datetime | None
     ) -> tuple[JobEnvelope, JobRunner, _CollectingCommandBus]:
@@ -91,6 +114,17 @@ class InstantJobScheduler:
 
     def schedule_now(self, job: Job) -> str:
         return self.schedule(job)
+
+    def schedule_many(
+        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+    ) -> list[str]:
+        """Each job in turn, now; the first that raises stops the rest."""
+        return [self.schedule(job, delay=delay, run_at=run_at) for job in jobs]
+
+    async def schedule_many_async(
+        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+    ) -> list[str]:
+        return [await self.schedule_async(job, delay=delay, run_at=run_at) for job in jobs]
 
     async def schedule_async(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
         envelope, runner, bus = self._prepare(job, delay, run_at)
@@ -135,6 +169,75 @@ class BrokerJobScheduler:
 
     def schedule(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
         """Publish ``job``; returns its id once RabbitMQ confirmed it, or raises BrokerUnavailableError."""
+        envelope, message = self._message(job, delay, run_at)
+        self.broker.enqueue(message)
+        self._scheduled(envelope)
+        return envelope.job_id
+
+    def schedule_now(self, job: Job) -> str:
+        return self.schedule(job)
+
+    def schedule_many(
+        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+    ) -> list[str]:
+        """Publish every job with their confirms pipelined; returns their ids once all are confirmed.
+
+        Every job is validated before the first is published. If some are not confirmed in time,
+        :class:`BrokerUnavailableError` lists their ids in ``job_ids``; the others stay scheduled.
+        """
+        prepared = [self._message(job, delay, run_at) for job in jobs]
+        try:
+            if isinstance(self.broker, JobflowRabbitmqBroker):
+                self.broker.enqueue_many([message for _, message in prepared])
+            else:  # the in-memory broker: no round trips to save
+                self._enqueue_each([message for _, message in prepared])
+        except BrokerUnavailableError as exc:
+            unconfirmed = set(exc.job_ids)
+            for envelope, _ in prepared:
+                if envelope.job_id not in unconfirmed:
+                    self._scheduled(envelope)
+            raise
+        for envelope, _ in prepared:
+            self._scheduled(envelope)
+        return [envelope.job_id for envelope, _ in prepared]
+
+    async def schedule_async(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
+        """:meth:`schedule` without blocking the event loop: every task shares the one publisher."""
+        broker = self.broker
+        if not isinstance(broker, JobflowRabbitmqBroker):  # the in-memory broker publishes at once
+            return self.schedule(job, delay=delay, run_at=run_at)
+        envelope, message = self._message(job, delay, run_at)
+        pending = broker.enqueue_start(message)
+        await broker.publisher.wait_async(pending.future)
+        broker.enqueue_finish(pending)
+        self._scheduled(envelope)
+        return envelope.job_id
+
+    async def schedule_many_async(
+        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+    ) -> list[str]:
+        """:meth:`schedule_many` for a coroutine (the confirms are awaited on a worker thread)."""
+        return await asyncio.to_thread(self.schedule_many, list(jobs), delay=delay, run_at=run_at)
+
+    def _enqueue_each(self, messages: list[dramatiq.Message[None]]) -> None:
+        failed: list[str] = []
+        first: BrokerUnavailableError | None = None
+        for message in messages:
+            try:
+                self.broker.enqueue(message)
+            except BrokerUnavailableError as exc:
+                failed.append(message.message_id)
+                first = first or exc
+        if first is not None:
+            raise BrokerUnavailableError(
+                f"{len(failed)} of {len(messages)} jobs were not confirmed: {first}",
+                broker=first.broker,
+                job_ids=failed,
+            ) from first
+
+    def _message(
+        self, job: Job, delay: timedelta | None, run_at: datetime | None
+    ) -> tuple[JobEnvelope, dramatiq.Message[None]]:
         envelope = make_envelope(job, self.registry, delay=delay, run_at=run_at)
         past = requested_in_past(envelope.scheduled_at, delay, run_at)
         if past is not None:
@@ -156,7 +259,9 @@ class BrokerJobScheduler:
         check_payload_size(
             len(message.encode()), self.settings.max_payload_bytes, name=envelope.name, version=envelope.version
         )
-        self.broker.enqueue(message)
+        return envelope, message
+
+    def _scheduled(self, envelope: JobEnvelope) -> None:
         logger.info(
             "job.scheduled",
             job_id=envelope.job_id,
@@ -166,14 +271,6 @@ class BrokerJobScheduler:
             due_at=envelope.due_at.isoformat(),
             delay_ms=_ms(envelope.due_at - envelope.scheduled_at),
         )
-        return envelope.job_id
-
-    def schedule_now(self, job: Job) -> str:
-        return self.schedule(job)
-
-    async def schedule_async(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
-        # The publish blocks until the broker confirms: keep it off the event loop.
-        return await asyncio.to_thread(self.schedule, job, delay=delay, run_at=run_at)
 
     def close(self) -> None:
         """Close the broker connections this scheduler opened."""

@@ -31,12 +31,23 @@ class Settings(BaseSettings):
     delay_queue_type: Literal["classic", "quorum"] = "quorum"
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Let log events show job and command data (``JOBFLOW_LOG_JOB_DATA=1``): for development only,
+    #: data may hold card numbers, keys, personal data.
+    log_job_data: bool = False
     #: Every publish (a schedule, a retry, a dead letter) is confirmed within it or raises
     #: BrokerUnavailableError: no call waits longer on a broker that is down, frozen or blocked.
     publish_timeout: float = Field(default=10.0, gt=0, le=3600, description="seconds")
     #: How long a message of a (name, version) this worker does not know is retried before it is
     #: dead-lettered: in a rolling deploy producers may ship a type before every worker has it.
     unknown_type_retry: float = Field(default=900.0, ge=0, description="seconds")
+    #: How long a stopping worker lets its running jobs finish before it exits anyway (what it had
+    #: not acked is redelivered). 600 s: Dramatiq's --worker-shutdown-timeout and jobflow's default
+    #: time limit, so a job started just before the stop can still finish.
+    shutdown_timeout: float = Field(default=600.0, gt=0, description="seconds")
     max_payload_bytes: int = Field(
         default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, description="largest encoded message a scheduler sends"
     )
+    #: A worker serves Prometheus metrics at /metrics on this port, one for all the processes of
+    #: `dramatiq -p N`; None: not served (the series are still counted in each process).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = Field(default="0.0.0.0", description="the address the metrics server listens on")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from datetime import timedelta
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from jobflow.errors import ConfigurationError
+from jobflow.errors import ConfigurationError, JobflowTypeError
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.retry import RetryPolicy, check_time_limit
 
@@ -38,21 +39,31 @@ class VersionedModel(BaseModel):
         abstract: bool = False,
         retry: RetryPolicy | None = None,
         time_limit: timedelta | None = None,
-        **kwargs: Any,
+        **unknown: Any,
     ) -> None:
-        # Consumed here so that object.__init_subclass__ never sees them; registration waits for
-        # __pydantic_init_subclass__, when the model is complete.
-        super().__init_subclass__(**kwargs)
-        if name is not None and (not isinstance(name, str) or not name.strip()):
+        # Consumed here so that object.__init_subclass__ never sees them (pydantic has already taken
+        # its model_config keys); registration waits for __pydantic_init_subclass__, when the model is
+        # complete. A keyword left over is a typo or an option this version lacks: say which.
+        if unknown:
+            raise JobflowTypeError(
+                f"{cls.__qualname__}: unknown class keyword(s) {', '.join(map(repr, sorted(unknown)))};"
+                f" accepted: {', '.join(class_options(cls))}, and pydantic's model_config keys"
+            )
+        super().__init_subclass__()
+        if name is not None and not isinstance(name, str):
+            raise JobflowTypeError(f"{cls.__qualname__}: name must be a str, got {name!r}")
+        if name is not None and not name.strip():
             raise ConfigurationError(f"{cls.__qualname__}: name must be a non-empty string, got {name!r}")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise JobflowTypeError(f"{cls.__qualname__}: version must be an int >= 1, got {version!r}")
+        if version < 1:
             raise ConfigurationError(f"{cls.__qualname__}: version must be an int >= 1, got {version!r}")
         cls._set_identity(name or cls.__name__, version)
         cls.registry = registry or default_registry
         cls.__jobflow_abstract__ = abstract
         if retry is not None:
             if not isinstance(retry, RetryPolicy):
-                raise ConfigurationError(f"{cls.__qualname__}: retry must be a jobflow.RetryPolicy, got {retry!r}")
+                raise JobflowTypeError(f"{cls.__qualname__}: retry must be a jobflow.RetryPolicy, got {retry!r}")
             cls.__jobflow_retry__ = retry
         if time_limit is not None:
             try:
@@ -82,3 +93,17 @@ class VersionedModel(BaseModel):
     def from_data(cls, data: Any) -> Self:
         """Validate wire data in JSON mode, so strict models accept what they serialized."""
         return cls.model_validate_json(json.dumps(data))
+
+
+def class_options(cls: type) -> list[str]:
+    """The class keywords ``cls`` accepts: the keyword-only parameters of every ``__init_subclass__``
+    in its MRO, so that an option added to any of them is named in the error without more code."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        hook = klass.__dict__.get("__init_subclass__")
+        if hook is None or klass is object:
+            continue
+        for param in inspect.signature(getattr(hook, "__func__", hook)).parameters.values():
+            if param.kind is inspect.Parameter.KEYWORD_ONLY and param.name not in names:
+                names.append(param.name)
+    return [f"{n}=" for n in names]

@@ -15,6 +15,7 @@ from dramatiq.middleware import CurrentMessage
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
 from jobflow.envelope import CommandEnvelope, JobEnvelope
 from jobflow.errors import ConfigurationError
+from jobflow.log_config import hide_message_data
 from jobflow.middleware.due_time import current_due_at
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.runner import JobRunner
@@ -93,6 +94,7 @@ def declare_actors(
             )
         return existing
 
+    hide_message_data()  # Dramatiq's records of a message show its arguments: the job's data
     jobs_q, commands_q = jobs_queue(prefix), commands_queue(prefix)
     runner = JobRunner(registry or default_registry, BrokerCommandBus(broker, commands_q))
 

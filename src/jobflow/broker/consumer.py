@@ -22,10 +22,12 @@ from dramatiq.message import Message
 
 from jobflow.broker._dramatiq import RabbitmqConsumer, RabbitmqMessage, pending_queues
 from jobflow.dead_letter import new_record
+from jobflow.log_config import get_logger
+from jobflow.metrics import instruments
 from jobflow.poison import CONSUMER_HEADROOM_BYTES, Poison, screen
 from jobflow.settings import DEFAULT_MAX_PAYLOAD_BYTES
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 _AMQP_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
 
@@ -39,10 +41,24 @@ class JobflowMessage(RabbitmqMessage):
         super().__init__(redelivered, tag, message)  # type: ignore[no-untyped-call]
         self.body = body
         self.headers = headers
+        self.withheld = False
+
+    def withhold(self) -> None:
+        """Neither ack nor reject this delivery (a stopping worker's): RabbitMQ redelivers it when the
+        consumer's connection closes, as it does the prefetched messages Dramatiq leaves at a stop."""
+        self.withheld = True
 
 
 class JobflowConsumer(RabbitmqConsumer):
     """Dramatiq's RabbitMQ consumer, screening each delivery and dead-lettering poison off its thread."""
+
+    def ack(self, message: Any) -> None:
+        if not getattr(message, "withheld", False):
+            super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if not getattr(message, "withheld", False):
+            super().nack(message)  # type: ignore[no-untyped-call]
 
     def __next__(self) -> JobflowMessage | None:
         try:
@@ -87,19 +103,19 @@ class JobflowConsumer(RabbitmqConsumer):
         def settle_on_consumer_thread(done: Future[None]) -> None:
             # Runs on the publisher's thread: hand the ack (or reject) back to the thread owning the channel.
             try:
-                connection.add_callback_threadsafe(partial(self._settle, tag, done, log, record.error_message))
+                connection.add_callback_threadsafe(partial(self._settle, tag, done, log, poison))
             except Exception:
                 # The connection is gone: RabbitMQ puts the delivery back, and it is screened again.
                 log.warning("poison.settle_skipped", reason="the consumer's connection closed first")
 
         future.add_done_callback(settle_on_consumer_thread)
 
-    def _settle(self, tag: int, done: Future[None], log: Any, error: str) -> None:
+    def _settle(self, tag: int, done: Future[None], log: Any, poison: Poison) -> None:
         exc = done.exception()
         try:
             if exc is None:
                 self.channel.basic_ack(tag)
-                log.error("message.dead_lettered", error=error)
+                log.error("message.dead_lettered", error=poison.error_message)
             else:
                 self.channel.basic_nack(tag, requeue=False)
                 log.error(
@@ -107,3 +123,6 @@ class JobflowConsumer(RabbitmqConsumer):
                 )
         except _AMQP_ERRORS:
             log.warning("poison.settle_skipped", reason="the consumer's channel closed first")
+            return
+        # Counted once settled: a delivery put back (its channel closed first) is screened again.
+        instruments().poison_refused.labels(q_name(self.queue_name), poison.reason).inc()

@@ -27,13 +27,16 @@ from jobflow.broker.names import (
     ladder_marker,
     next_exchange,
     unroutable_queue,
+    watchdog_queue,
 )
 from jobflow.broker.publisher import Step
 from jobflow.broker.queues import (
     UNKNOWN_VERSION,
+    UPGRADED_QUEUE_NOTE,
     QueueType,
     ServerVersion,
     delay_queue_arguments,
+    parse_version,
     plain_queue_arguments,
 )
 
@@ -80,6 +83,19 @@ def _destination_pattern(queue_name: str) -> str:
     return "*." * DELAY_LEVELS + queue_name
 
 
+def unlimited_queue_step(queue: str, arguments: dict[str, Any]) -> Step:
+    """Declares a queue whose messages must never hit a delivery limit (``-1`` on RabbitMQ 4).
+
+    The same queue declared by RabbitMQ 3.x has no limit argument, and an upgraded broker refuses
+    the declaration as inequivalent: it is then used as it is, with a warning saying how to lift
+    the limit of 20 that RabbitMQ 4 gives it.
+    """
+    kwargs = {"queue": queue, "durable": True, "arguments": arguments}
+    if "x-delivery-limit" not in arguments:
+        return Step("queue_declare", kwargs)
+    return Step("queue_declare", kwargs, ok_codes=(406,), ok_if="x-delivery-limit", note=UPGRADED_QUEUE_NOTE)
+
+
 def _declare_exchange(name: str, kind: ExchangeType, arguments: dict[str, Any] | None = None) -> Step:
     return Step("exchange_declare", {"exchange": name, "exchange_type": kind, "durable": True, "arguments": arguments})
 
@@ -97,10 +113,7 @@ class DelayTopology:
         unroutable = unroutable_queue(p)
         steps = [
             _declare_exchange(unroutable, _FANOUT),
-            Step(
-                "queue_declare",
-                {"queue": unroutable, "durable": True, "arguments": plain_queue_arguments(self.queue_type, version)},
-            ),
+            unlimited_queue_step(unroutable, plain_queue_arguments(self.queue_type, version)),
             Step("queue_bind", {"queue": unroutable, "exchange": unroutable, "routing_key": ""}),
             _declare_exchange(delivery_exchange(p), _TOPIC, {"alternate-exchange": unroutable}),
         ]
@@ -109,7 +122,7 @@ class DelayTopology:
             steps += [
                 _declare_exchange(delay_exchange(p, level), _TOPIC),
                 _declare_exchange(next_exchange(p, level), _TOPIC),
-                Step("queue_declare", {"queue": delay_queue(p, level), "durable": True, "arguments": args}),
+                unlimited_queue_step(delay_queue(p, level), args),
                 Step(
                     "queue_bind",
                     {
@@ -184,11 +197,13 @@ class DelayTopology:
             Step("exchange_delete", {"exchange": delivery_exchange(p)}),
             Step("queue_delete", {"queue": unroutable_queue(p)}),
             Step("exchange_delete", {"exchange": unroutable_queue(p)}),
+            Step("queue_delete", {"queue": watchdog_queue(p)}),
         ]
 
-    def declare(self, channel: BlockingChannel, version: ServerVersion = UNKNOWN_VERSION) -> None:
-        """:meth:`declare_steps` on a blocking channel (tests and tools)."""
-        run_steps(channel, self.declare_steps(version))
+    def declare(self, channel: BlockingChannel, version: ServerVersion | None = None) -> None:
+        """:meth:`declare_steps` on a blocking channel (tests and tools), by default with the arguments
+        for the version of the node it is connected to, as a worker would declare them."""
+        run_steps(channel, self.declare_steps(server_version(channel) if version is None else version))
 
     def bind_destination(self, channel: BlockingChannel, queue_name: str) -> None:
         """:meth:`bind_destination_step` on a blocking channel."""
@@ -197,6 +212,12 @@ class DelayTopology:
     def delete(self, channel: BlockingChannel) -> None:
         """:meth:`delete_steps` on a blocking channel."""
         run_steps(channel, self.delete_steps())
+
+
+def server_version(channel: BlockingChannel) -> ServerVersion:
+    """The RabbitMQ version a blocking channel's connection reported in its handshake."""
+    impl: Any = getattr(channel.connection, "_impl", None)  # pika keeps the handshake's properties there
+    return parse_version((getattr(impl, "server_properties", None) or {}).get("version"))
 
 
 def run_steps(channel: BlockingChannel, steps: list[Step]) -> list[Any]:

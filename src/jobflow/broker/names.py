@@ -58,6 +58,11 @@ def unroutable_queue(prefix: str) -> str:
     return f"{prefix}.delay.unroutable"
 
 
+def watchdog_queue(prefix: str) -> str:
+    """Elects the worker that watches the ladder (single active consumer); canaries return here."""
+    return f"{prefix}.delay.watchdog"
+
+
 def delay_queues(prefix: str) -> list[str]:
     """Every queue in which delayed messages wait."""
     return [delay_queue(prefix, level) for level in range(DELAY_LEVELS)]

@@ -18,6 +18,7 @@ which a confirm is overdue while RabbitMQ is not blocking it is given up for the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -27,6 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -41,8 +43,9 @@ from pika.spec import Basic
 from jobflow.broker.connection import describe_broker, redact_url
 from jobflow.broker.queues import UNKNOWN_VERSION, ServerVersion, parse_version
 from jobflow.errors import BrokerUnavailableError, ConfigurationError, JobflowError
+from jobflow.log_config import get_logger
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 T = TypeVar("T")
 
@@ -71,6 +74,8 @@ class Step:
     method: str
     kwargs: dict[str, Any]
     ok_codes: tuple[int, ...] = ()
+    #: When set, one of ``ok_codes`` counts as done only if RabbitMQ's reply text contains it.
+    ok_if: str = ""
     #: Logged as a warning when one of ``ok_codes`` is the reply: what it means, what to do.
     note: str | None = None
     #: A passive check: when it succeeds, the rest of its requirement's steps are skipped.
@@ -198,6 +203,21 @@ class Publisher:
         try:
             return future.result(timeout=limit)
         except FutureTimeout:
+            raise BrokerUnavailableError(
+                f"no answer from {self.shown} within {limit:.1f} s (jobflow's publisher thread is stuck)",
+                broker=redact_url(",".join(self.urls)),
+            ) from None
+
+    def wait_all(self, futures: Sequence[Future[Any]]) -> None:
+        """Until every future is done; they were submitted together, so one deadline bounds them all."""
+        futures_wait(futures, timeout=self.timeout + _GRACE_S)
+
+    async def wait_async(self, future: Future[T]) -> T:
+        """:meth:`wait` for a coroutine: the event loop keeps running meanwhile."""
+        limit = self.timeout + _GRACE_S
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), limit)
+        except TimeoutError:
             raise BrokerUnavailableError(
                 f"no answer from {self.shown} within {limit:.1f} s (jobflow's publisher thread is stuck)",
                 broker=redact_url(",".join(self.urls)),
@@ -598,17 +618,16 @@ class _IOThread:
         request.channel = None
         key, step = request.items[request.index]
         code = getattr(exc, "reply_code", 0)
-        if code in step.ok_codes and self.conn is not None and self.conn.is_open:
+        text = getattr(exc, "reply_text", "")
+        if code in step.ok_codes and step.ok_if in text and self.conn is not None and self.conn.is_open:
             if step.note:
-                logger.warning(
-                    "topology.kept_as_is", step=step.describe(), detail=getattr(exc, "reply_text", ""), hint=step.note
-                )
+                logger.warning("topology.kept_as_is", step=step.describe(), detail=text, hint=step.note)
             request.results.append(None)
             request.index += 1
             self.open_declaration_channel(request)
             return
         if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
-            self.refused(request, key, step, code, getattr(exc, "reply_text", ""))
+            self.refused(request, key, step, code, text)
         # Otherwise the connection went with the channel, and lost() puts the declaration back.
 
     def refused(self, request: _Declare, key: str | None, step: Step, code: int, text: str) -> None:

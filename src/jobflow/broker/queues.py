@@ -39,6 +39,14 @@ def parse_version(text: object) -> ServerVersion:
         return UNKNOWN_VERSION
 
 
+#: Why a queue of an upgraded broker is used as it is, and what the operator should do.
+UPGRADED_QUEUE_NOTE = (
+    "declared by RabbitMQ 3.x without a delivery limit, so RabbitMQ 4 gives it its default of 20 redeliveries;"
+    " lift it with a policy (rabbitmqctl set_policy --apply-to quorum_queues jobflow-unlimited"
+    " '<queue pattern>' '{\"delivery-limit\": -1}'), or move its messages and delete it so jobflow declares it anew"
+)
+
+
 def _unlimited(version: ServerVersion) -> dict[str, Any]:
     return {"x-delivery-limit": -1} if version >= (4, 0) else {}
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -25,7 +27,13 @@ from dramatiq.errors import QueueJoinTimeout
 from dramatiq.middleware import Middleware
 
 from jobflow.broker import _dramatiq
-from jobflow.broker.connection import CONSUMER_DEFAULTS, PUBLISHER_DEFAULTS, cluster_parameters, split_urls
+from jobflow.broker.connection import (
+    CONSUMER_DEFAULTS,
+    PUBLISHER_DEFAULTS,
+    cluster_parameters,
+    redact_url,
+    split_urls,
+)
 from jobflow.broker.consumer import JobflowConsumer
 from jobflow.broker.ladder import MAX_DELAY_MS, DelayTopology, entry_level, routing_key
 from jobflow.broker.names import KINDS, delay_exchange, delay_queues, unroutable_queue
@@ -36,9 +44,10 @@ from jobflow.broker.queues import (
     work_queue_arguments,
 )
 from jobflow.broker.retimer import LadderRetimer
+from jobflow.broker.watchdog import LadderWatchdog, publisher_republish
 from jobflow.dead_letter import HEADER, DeadLetter, dead_letter_queue
 from jobflow.envelope import envelope_identity
-from jobflow.errors import ConfigurationError, JobflowError, SchedulingError
+from jobflow.errors import BrokerUnavailableError, ConfigurationError, JobflowError, SchedulingError
 from jobflow.middleware import DUE_OPTION, stack
 from jobflow.settings import Settings
 
@@ -47,6 +56,15 @@ LADDER = "ladder"
 
 def queue_key(queue: str) -> str:
     return f"queue:{queue}"
+
+
+@dataclass(frozen=True, eq=False)
+class PendingEnqueue:
+    """A message handed to the publisher; ``future`` is done once RabbitMQ confirmed it."""
+
+    message: dramatiq.Message[Any]
+    delay: int | None
+    future: Future[None]
 
 
 class JobflowRabbitmqBroker(RabbitmqBroker):
@@ -92,6 +110,10 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             )
         )
         self.retimer = LadderRetimer(self.parameters, settings.queue_prefix)
+        #: Started in ``dramatiq`` workers (WorkerBoot): re-times the ladder whenever it is behind.
+        self.watchdog = LadderWatchdog(
+            self.parameters, settings.queue_prefix, settings.delay_queue_type, publisher_republish(self.publisher)
+        )
         self._consumed: set[str] = set()
 
     def __repr__(self) -> str:
@@ -191,11 +213,11 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             self.retimer.trigger(redeliver_only=True)
 
     def delete_topology(self) -> None:
-        """Delete every queue declared here (with its ``.XQ``) and the ladder, messages and all."""
+        """Delete every queue declared here (with its ``.DQ`` and ``.XQ``) and the ladder, messages and all."""
         steps = [
             Step("queue_delete", {"queue": name}, ok_codes=(404,))
             for queue in sorted(self.queues)
-            for name in (queue, dead_letter_queue(queue))
+            for name in (queue, dq_name(queue), dead_letter_queue(queue))
         ]
         self.publisher.wait(self.publisher.declare([*steps, *self.topology.delete_steps()]))
         self.publisher.forget(LADDER, *(queue_key(q) for q in self.queues))
@@ -205,6 +227,12 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         """Publish ``message``, confirmed; with ``delay`` (ms) it waits in the ladder first."""
+        pending = self.enqueue_start(message, delay=delay)
+        self.publisher.wait(pending.future)
+        return self.enqueue_finish(pending)
+
+    def enqueue_start(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> PendingEnqueue:
+        """Hand ``message`` to the publisher without waiting for its confirm (bulk and async callers)."""
         canonical = q_name(message.queue_name)
         if message.queue_name != canonical:
             message = message.copy(queue_name=canonical)  # never Dramatiq's .DQ: the ladder holds delays
@@ -225,9 +253,38 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             what=describe_message(message),
             ident=identity(message),
         )
-        self.publisher.wait(future)
-        self.emit_after("enqueue", message, delay)
-        return message
+        return PendingEnqueue(message, delay, future)
+
+    def enqueue_finish(self, pending: PendingEnqueue) -> dramatiq.Message[Any]:
+        """After the confirm: the middleware's ``after_enqueue``, on the caller's thread."""
+        self.emit_after("enqueue", pending.message, pending.delay)
+        return pending.message
+
+    def enqueue_many(self, messages: Sequence[dramatiq.Message[Any]]) -> list[dramatiq.Message[Any]]:
+        """Publish every message with their confirms pipelined; return once all are confirmed.
+
+        Raises :class:`BrokerUnavailableError` listing the ids of the messages that were not
+        confirmed (the others were, and stay published).
+        """
+        pending: list[PendingEnqueue] = []
+        try:
+            for message in messages:
+                pending.append(self.enqueue_start(message))
+        finally:
+            # A message refused before it was handed over (a bad delay) still lets the others finish.
+            self.publisher.wait_all([p.future for p in pending])
+        failed = [p for p in pending if not p.future.done() or p.future.exception() is not None]
+        done = [self.enqueue_finish(p) for p in pending if p not in failed]
+        if failed:
+            first = failed[0].future.exception() if failed[0].future.done() else None
+            ids = [p.message.message_id for p in failed]
+            raise BrokerUnavailableError(
+                f"{len(failed)} of {len(pending)} messages were not confirmed by {self.publisher.shown}"
+                f" (the other {len(done)} were): {first or 'no answer in time'}",
+                broker=redact_url(",".join(self.urls)),
+                job_ids=ids,
+            ) from first
+        return done
 
     def _route(self, queue: str, due_ms: int | None) -> tuple[str, str]:
         """Where a message goes, decided as it is written: its remaining delay counts from now."""
@@ -270,9 +327,10 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
                 on_fatal(exc)
             raise
         # Dramatiq consumes a queue again only after a connection error; RabbitMQ may have been down,
-        # and whatever expired in the ladder meanwhile would run late by the outage: re-time it.
+        # and whatever expired in the ladder meanwhile would run late by the outage: the ladder's
+        # watchdog (elected in one worker) sweeps it if it runs here, and finds it behind if not.
         if queue_name in self._consumed:
-            self.retimer.trigger()
+            self.watchdog.nudge(f"the consumer of {queue_name} reconnected")
         self._consumed.add(queue_name)
         return consumer
 
@@ -315,7 +373,15 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             successes = successes + 1 if ready + delayed == 0 else 0
             time.sleep(idle_time / 1000)
 
+    def start_watchdog(self) -> None:
+        """Watch the ladder from this process (a worker's boot does it; one worker at a time is elected)."""
+        self.watchdog.start()
+
+    def stop_watchdog(self) -> None:
+        self.watchdog.stop()
+
     def close(self) -> None:
+        self.watchdog.stop(timeout=0.5)
         self.publisher.close()
         super().close()
 

@@ -24,9 +24,10 @@ from dramatiq.common import current_millis
 
 from jobflow.broker.ladder import MAX_DELAY_MS, entry_level, routing_key
 from jobflow.broker.names import DELAY_LEVELS, delay_exchange, delay_queue, delivery_exchange, unroutable_queue
+from jobflow.log_config import get_logger
 from jobflow.middleware.due_time import DUE_OPTION
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 
 @dataclass
@@ -186,19 +187,30 @@ def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body
     return True
 
 
-def redeliver_unroutable(parameters: Any, prefix: str) -> RedeliverResult:
+def redeliver_unroutable(parameters: Any, prefix: str, *, connection: Any | None = None) -> RedeliverResult:
     """Deliver what waits in ``<prefix>.delay.unroutable`` to its queue, where that queue exists now.
 
     A delayed message lands there when the ladder delivers it while its queue (or the queue's
     binding) is missing: after a broker restart, before the bindings are back, or before any worker
     declared a new queue. Published to its queue by name (so a missing binding no longer matters),
     confirmed, then acknowledged; one not yet due goes back into the ladder with the delay it has left.
+    ``connection``: an open one to use (the ladder's watchdog, which bounds its calls), else its own.
     """
-    result = RedeliverResult()
-    source = unroutable_queue(prefix)
+    if connection is not None:
+        return _redeliver_on(connection, prefix)
     connection = pika.BlockingConnection(parameters)
     try:
-        channel = connection.channel()
+        return _redeliver_on(connection, prefix)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def _redeliver_on(connection: Any, prefix: str) -> RedeliverResult:
+    result = RedeliverResult()
+    source = unroutable_queue(prefix)
+    channel = connection.channel()
+    try:
         channel.confirm_delivery()
         try:
             waiting = channel.queue_declare(source, passive=True).method.message_count or 0
@@ -235,8 +247,8 @@ def redeliver_unroutable(parameters: Any, prefix: str) -> RedeliverResult:
             channel.basic_nack(tag, requeue=True)
         result.left = len(kept)
     finally:
-        if connection.is_open:
-            connection.close()
+        if channel.is_open:
+            channel.close()
     return result
 
 

@@ -10,6 +10,7 @@ import click
 from jobflow.cli import commands as _commands
 from jobflow.cli import dead_letters as _dead_letters
 from jobflow.cli import topology as _topology
+from jobflow.cli import worker as _worker
 
 
 @click.group()
@@ -23,16 +24,18 @@ def main() -> None:
 
 @main.command()
 @click.option("--broker", "broker_url", default="memory://", show_default=True, help="memory:// or amqp://...")
-@click.option("-m", "--module", default="actors", show_default=True, help="The example application's module.")
+@click.option("-m", "--module", default="jobflow.examples", show_default=True, help="The example application's module.")
 def demo(broker_url: str, module: str) -> None:
-    """Run EventFlow's examples end to end with an in-process worker."""
+    """Run EventFlow's examples end to end with an in-process worker; on RabbitMQ, on queues it deletes after."""
+    from jobflow.broker.connection import describe_broker
     from jobflow.cli.demo import run_demo
     from jobflow.errors import JobflowError
 
     try:
+        click.echo(f"broker: {describe_broker(broker_url)}", err=True)
         ok = run_demo(broker_url, module=module)
     except JobflowError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(" ".join(str(exc).split())) from None
     sys.exit(0 if ok else 1)
 
 
@@ -42,5 +45,6 @@ for _command in (
     _commands.schedule,
     _commands.jobs,
     _topology.topology,
+    _worker.worker,
 ):
     main.add_command(_command)

@@ -18,12 +18,23 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException, AMQPConnectorStackTimeout
 
 from jobflow.broker import redact_url
-from jobflow.cli.errors import BrokerError
+from jobflow.broker.connection import describe_broker, node_parameters, split_urls
+from jobflow.cli.errors import BrokerError, UsageProblem
+from jobflow.errors import ConfigurationError
 
 #: A person waits for the command line: fail after seconds, not after Dramatiq's minute of retries.
-_CLI_CONNECTION_DEFAULTS = {"connection_attempts": "2", "retry_delay": "1", "socket_timeout": "5", "heartbeat": "60"}
+#: One attempt per node: a refused login or vhost fails at once, and a rerun is the operator's call;
+#: ``stack_timeout`` bounds a broker that accepts TCP but never answers AMQP.
+_CLI_CONNECTION_DEFAULTS = {
+    "connection_attempts": "1",
+    "retry_delay": "1",
+    "socket_timeout": "5",
+    "stack_timeout": "6",
+    "heartbeat": "60",
+}
 
 
 def cli_url(url: str, purpose: str) -> str:
@@ -39,6 +50,8 @@ def cli_url(url: str, purpose: str) -> str:
 
 def broker_error(url: str, exc: BaseException, doing: str = "connect to") -> BrokerError:
     """A :class:`BrokerError` that says what failed, on which broker (password masked), and what to check."""
+    if "," in url:  # a cluster: the node tried last failed last
+        return broker_error(split_urls(url)[-1], exc, doing)
     parts = urlsplit(url)
     where = f"{parts.hostname or 'localhost'}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
@@ -52,29 +65,46 @@ def broker_error(url: str, exc: BaseException, doing: str = "connect to") -> Bro
         hint = "the connection was closed midway, by the broker or the network"
     elif isinstance(exc, pika.exceptions.ChannelClosedByBroker):
         hint = "the broker refused an operation (see its reason)"
+    elif isinstance(exc, AMQPConnectorStackTimeout):
+        hint = (
+            f"something at {where} accepted the TCP connection but did not complete the AMQP handshake in time:"
+            " is it RabbitMQ (not another service on that port), and is it overloaded or frozen?"
+        )
+        exc = TimeoutError("AMQP handshake timed out")
     else:
         hint = f"is RabbitMQ running and reachable at {where}? check --broker or JOBFLOW_BROKER_URL"
     detail = str(exc) or repr(exc)
     if parts.password:
         detail = detail.replace(parts.password, "***")
-    return BrokerError(f"cannot {doing} the broker at {redact_url(url)}: {hint} ({detail})")
+    return BrokerError(f"cannot {doing} the broker at {redact_url(url)}: {hint} ({detail})", broker=redact_url(url))
 
 
-BROKER_FAILURES = (pika.exceptions.AMQPError, OSError)
+#: What pika raises when a broker cannot be used: AMQP errors, socket errors, and its connection
+#: workflow's own exceptions (a handshake that timed out derives from neither of the others).
+BROKER_FAILURES = (pika.exceptions.AMQPError, OSError, AMQPConnectorException)
 
 #: The connection type the commands pass around (so that only this module imports pika).
 Connection = pika.BlockingConnection
 
 
-def cli_parameters(url: str, purpose: str) -> pika.URLParameters:
-    """Connection parameters for a broker tool run by a command (the re-timer, the redelivery)."""
-    return pika.URLParameters(cli_url(url, purpose))
+def cli_parameters(url: str, purpose: str) -> list[pika.URLParameters]:
+    """Connection parameters of every node, tried in turn; a URL pika cannot read is a usage problem."""
+    try:
+        return [node_parameters(cli_url(node, purpose), {}) for node in split_urls(url)]
+    except ConfigurationError as exc:
+        raise UsageProblem(str(exc)) from None
+
+
+def describe(url: str) -> str:
+    """The broker for people: node URLs with passwords masked, and the vhost."""
+    return describe_broker(url)
 
 
 def connect(url: str, purpose: str) -> pika.BlockingConnection:
     """A blocking connection for one command, or a :class:`BrokerError` saying what to check."""
+    parameters = cli_parameters(url, purpose)
     try:
-        return pika.BlockingConnection(pika.URLParameters(cli_url(url, purpose)))
+        return pika.BlockingConnection(parameters)
     except BROKER_FAILURES as exc:
         raise broker_error(url, exc) from None
 

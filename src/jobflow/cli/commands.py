@@ -149,10 +149,20 @@ def schedule(
         except BrokerConnectionError as exc:
             raise amqp.broker_error(where.url, exc, doing="publish to") from None
     if as_json:
-        emit_json({"job_id": job_id, "name": job.job_name, "version": job.job_version, "due_at": due.isoformat()})
+        emit_json(
+            {
+                "job_id": job_id,
+                "name": job.job_name,
+                "version": job.job_version,
+                "due_at": due.isoformat(),
+                "queue": scheduler.queue,
+                "broker": amqp.describe(where.url),
+            }
+        )
         return
     click.echo(job_id)
     click.echo(
-        f"scheduled {job.job_name} v{job.job_version} on {scheduler.queue}, due {due.isoformat(timespec='seconds')}",
+        f"scheduled {job.job_name} v{job.job_version} on {scheduler.queue} at {amqp.describe(where.url)},"
+        f" due {due.isoformat(timespec='seconds')}",
         err=True,
     )

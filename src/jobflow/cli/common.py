@@ -15,13 +15,15 @@ from urllib.parse import urlsplit
 
 import click
 import dramatiq
+from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 
 from jobflow.broker import create_broker, redact_url
+from jobflow.broker.connection import split_urls
 from jobflow.cli import amqp
 from jobflow.cli.amqp import Connection
-from jobflow.cli.errors import EXIT_USAGE, OperatorError, UsageProblem
-from jobflow.errors import ConfigurationError, JobflowError, SchedulingError
+from jobflow.cli.errors import EXIT_BROKER, EXIT_INCOMPLETE, EXIT_USAGE, OperatorError, UsageProblem
+from jobflow.errors import BrokerUnavailableError, ConfigurationError, JobflowError, RegistrationError, SchedulingError
 from jobflow.log_config import configure_logging
 from jobflow.settings import Settings
 
@@ -41,7 +43,12 @@ def module_option(f: Callable[P, R]) -> Callable[P, R]:
 
 
 def broker_options(f: Callable[P, R]) -> Callable[P, R]:
-    f = module_option(f)
+    """``--broker``, ``--prefix`` and ``-m MODULE``."""
+    return target_options(module_option(f))
+
+
+def target_options(f: Callable[P, R]) -> Callable[P, R]:
+    """``--broker`` and ``--prefix``: where a command acts."""
     f = click.option(
         "--prefix", default=None, metavar="PREFIX", help="Queue name prefix [default: JOBFLOW_QUEUE_PREFIX or jobflow]."
     )(f)
@@ -63,7 +70,11 @@ class CommandFailed(click.ClickException):
 
 
 def reports_errors(f: Callable[P, R]) -> Callable[P, R]:
-    """Turn jobflow's errors into a one-line message and the documented exit code, never a traceback."""
+    """Turn jobflow's errors into a one-line message and the documented exit code, never a traceback.
+
+    Broker failures exit 4, bad input 2; a failure no command caught (a pika or Dramatiq error
+    raised somewhere unforeseen) still becomes a broker error, on the broker the command named.
+    """
 
     @functools.wraps(f)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -71,11 +82,29 @@ def reports_errors(f: Callable[P, R]) -> Callable[P, R]:
         try:
             return f(*args, **kwargs)
         except OperatorError as exc:
-            raise CommandFailed(str(exc), exc.exit_code) from None
-        except (ConfigurationError, SchedulingError) as exc:
-            raise CommandFailed(str(exc), EXIT_USAGE) from None
+            raise CommandFailed(_one_line(exc), exc.exit_code) from None
+        except (BrokerUnavailableError, BrokerConnectionError) as exc:
+            raise CommandFailed(_one_line(exc), EXIT_BROKER) from None
+        except (ConfigurationError, SchedulingError, RegistrationError) as exc:
+            raise CommandFailed(_one_line(exc), EXIT_USAGE) from None
+        except amqp.BROKER_FAILURES as exc:
+            context = click.get_current_context(silent=True)
+            url = context.meta.get(_BROKER_KEY) if context is not None else None
+            if url is None:
+                raise
+            raise CommandFailed(_one_line(amqp.broker_error(url, exc, doing="keep talking to")), EXIT_BROKER) from None
+        except JobflowError as exc:
+            raise CommandFailed(_one_line(exc), EXIT_INCOMPLETE) from None
 
     return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+#: Where :func:`target` leaves the broker's URL for :func:`reports_errors` (``click.Context.meta``).
+_BROKER_KEY = "jobflow.broker_url"
 
 
 def _quiet_libraries() -> None:
@@ -116,6 +145,10 @@ class Target:
     def prefix(self) -> str:
         return self.settings.queue_prefix
 
+    def announce(self, source: str) -> None:
+        """Name the broker on stderr before talking to it: an operator sees which one, and why."""
+        click.echo(f"broker: {amqp.describe(self.url)}, queue prefix {self.prefix!r} ({source})", err=True)
+
     @contextmanager
     def connection(self, purpose: str) -> Iterator[Connection]:
         with amqp.connection(self.url, purpose) as conn:
@@ -124,7 +157,8 @@ class Target:
     @contextmanager
     def broker(self, purpose: str) -> Iterator[dramatiq.Broker]:
         """jobflow's broker (publisher confirms on), with the command line's short timeouts."""
-        settings = self.settings.model_copy(update={"broker_url": amqp.cli_url(self.url, purpose)})
+        nodes = ",".join(amqp.cli_url(node, purpose) for node in split_urls(self.url))
+        settings = self.settings.model_copy(update={"broker_url": nodes})
         broker = create_broker(settings)
         try:
             yield broker
@@ -132,21 +166,51 @@ class Target:
             broker.close()
 
 
-def target(broker_url: str | None, prefix: str | None, modules: tuple[str, ...]) -> Target:
-    """Settings from the options, else ``JOBFLOW_*``; the operators' commands need RabbitMQ."""
-    import_modules(modules)
-    given: dict[str, Any] = {}
+def settings_from(broker_url: str | None, prefix: str | None, **more: Any) -> Settings:
+    """Settings from the options, else ``JOBFLOW_*``; one that cannot work is a usage problem."""
+    given: dict[str, Any] = {k: v for k, v in more.items() if v is not None}
     if broker_url is not None:
         given["broker_url"] = broker_url
     if prefix is not None:
         given["queue_prefix"] = prefix
     try:
-        settings = Settings(**given)
+        return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{_OPTION_NAMES.get(str(e['loc'][0]), '.'.join(map(str, e['loc'])))}: {e['msg']}" for e in exc.errors()
+        )
         raise UsageProblem(f"invalid settings: {problems}") from None
-    if urlsplit(settings.broker_url).scheme not in ("amqp", "amqps"):
+
+
+#: How the settings an option sets are called on the command line, for error messages.
+_OPTION_NAMES = {"queue_prefix": "--prefix (JOBFLOW_QUEUE_PREFIX)", "broker_url": "--broker (JOBFLOW_BROKER_URL)"}
+
+
+def url_source(broker_url: str | None) -> str:
+    """Where the broker URL came from: an operator who forgot ``--broker`` must see the default was used."""
+    if broker_url is not None:
+        return "from --broker"
+    if os.environ.get("JOBFLOW_BROKER_URL"):
+        return "from JOBFLOW_BROKER_URL"
+    return "the default: neither --broker nor JOBFLOW_BROKER_URL is set"
+
+
+def rabbitmq_target(settings: Settings, broker_url: str | None) -> Target:
+    """A :class:`Target` on RabbitMQ, its URL checked and announced on stderr before any connection."""
+    if {urlsplit(u).scheme for u in split_urls(settings.broker_url)} - {"amqp", "amqps"}:
         raise UsageProblem(
             f"this command needs RabbitMQ (amqp:// or amqps://), not {redact_url(settings.broker_url)!r}"
         )
-    return Target(settings)
+    amqp.cli_parameters(settings.broker_url, "check")  # a URL pika cannot read is a usage problem, now
+    where = Target(settings)
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        context.meta[_BROKER_KEY] = settings.broker_url
+    where.announce(url_source(broker_url))
+    return where
+
+
+def target(broker_url: str | None, prefix: str | None, modules: tuple[str, ...]) -> Target:
+    """Settings from the options, else ``JOBFLOW_*``; the operators' commands need RabbitMQ."""
+    import_modules(modules)
+    return rabbitmq_target(settings_from(broker_url, prefix), broker_url)

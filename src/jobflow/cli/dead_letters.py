@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ParamSpec, TypeVar
 
@@ -14,9 +15,18 @@ from jobflow.cli.commands import json_option
 from jobflow.cli.common import Target, broker_options, reports_errors, target
 from jobflow.cli.errors import BrokerError, NotFoundError, OperatorError, UsageProblem
 from jobflow.cli.letters import DeadLetterView
-from jobflow.cli.moves import Collector, MoveReport, Purger, Replayer, Visit, count_dead_letters, walk
+from jobflow.cli.moves import (
+    Collector,
+    IdCollector,
+    MoveReport,
+    Purger,
+    Replayer,
+    Visit,
+    count_dead_letters,
+    walk,
+)
 from jobflow.cli.output import dead_letter_table, emit_json, progress, show_letter, stdout
-from jobflow.cli.selection import Selection, require_target, resolve_queue, work_queues
+from jobflow.cli.selection import Selection, require_target, resolve_ids, resolve_queue, short_ids, work_queues
 from jobflow.cli.timespec import parse_duration, parse_since, to_millis
 from jobflow.registry import default_registry
 from jobflow.schedulers import MAX_DELAY
@@ -32,8 +42,37 @@ def filter_options(f: Callable[P, R]) -> Callable[P, R]:
     return click.option("--queue", metavar="Q", help="jobs, commands, or a work queue's full name.")(f)
 
 
-def _selection(ids: tuple[str, ...], job: str | None, error: str | None, since: str | None) -> Selection:
+def _selection(ids: Iterable[str], job: str | None, error: str | None, since: str | None) -> Selection:
     return Selection(ids=frozenset(ids), job=job, error=error, since=parse_since(since) if since is not None else None)
+
+
+@dataclass(frozen=True)
+class _Ids:
+    """The IDs (or prefixes) an operator gave, resolved to full ids on a first, read-only pass."""
+
+    given: tuple[str, ...] = ()
+    resolved: dict[str, str] = field(default_factory=dict)
+    unmatched: tuple[str, ...] = ()
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """IDs were given and none names a dead letter: a walk with no ids would take them all."""
+        return bool(self.given) and not self.resolved
+
+    def missing(self, report: MoveReport) -> list[str]:
+        """Given ids that named nothing, or whose dead letter was gone by the second pass."""
+        gone = [given for given, full in self.resolved.items() if full not in report.matched_ids]
+        return sorted({*self.unmatched, *gone})
+
+
+def _resolve(where: Target, queues: list[str], ids: tuple[str, ...], purpose: str) -> _Ids:
+    if not ids:
+        return _Ids()
+    with where.connection(purpose) as conn:
+        collector = IdCollector()
+        walk(conn, count_dead_letters(conn, queues), Selection(), collector)
+    resolved, unmatched = resolve_ids(ids, collector.ids)
+    return _Ids(ids, resolved, tuple(unmatched))
 
 
 def _queues(where: Target, queue: str | None) -> list[str]:
@@ -72,12 +111,17 @@ def list_(
 ) -> None:
     """One row per dead letter; every dead letter stays where it is."""
     where = target(broker_url, prefix, modules)
-    letters = _collect(where, _queues(where, queue), _selection((), job, error, since), "dead-letters list")
+    selection = _selection((), job, error, since)
+    read = _collect(where, _queues(where, queue), Selection(), "dead-letters list")
+    short = short_ids(letter.id for letter in read)  # unique among every dead letter read, not just the matches
+    letters = [letter for letter in read if selection.matches(letter)]
     shown = letters[:limit] if limit else letters
     if as_json:
-        emit_json({"total": len(letters), "dead_letters": [letter.summary() for letter in shown]})
+        rows = [{**letter.summary(), "short_id": short[letter.id]} for letter in shown]
+        emit_json({"total": len(letters), "dead_letters": rows})
     else:
-        stdout().print(dead_letter_table(shown, len(letters)))
+        console = stdout()
+        console.print(dead_letter_table(shown, len(letters), short, width=console.width))
 
 
 @dead_letters.command("show")
@@ -95,9 +139,11 @@ def show(
     queue: str | None,
     as_json: bool,
 ) -> None:
-    """Everything about one dead letter: the error, its traceback, the job's data, x-death, the first bytes."""
+    """Everything about one dead letter (ID or a unique prefix): the error, traceback, data, x-death, first bytes."""
     where = target(broker_url, prefix, modules)
-    letters = _collect(where, _queues(where, queue), Selection(ids=frozenset({ident})), "dead-letters show")
+    read = _collect(where, _queues(where, queue), Selection(), "dead-letters show")
+    resolved, _ = resolve_ids([ident], (letter.id for letter in read))
+    letters = [letter for letter in read if letter.id == resolved.get(ident)]
     if not letters:
         raise NotFoundError(f"no dead letter with id {ident!r} (see `jobflow dead-letters list`)")
     oldest = datetime.min.replace(tzinfo=UTC)
@@ -116,23 +162,31 @@ def _run(
         with where.connection(f"dead-letters {label}") as conn:
             counts = count_dead_letters(conn, queues)
             with progress(sum(counts.values()), label) as advance:
-                walk(conn, counts, selection, visit, advance)
+                walk(conn, counts, selection, visit, advance, seen=report.seen)
     except BrokerError as exc:
         raise BrokerError(
-            f"{exc}. {report.moved} dead letter(s) done before that; the others are still dead-lettered:"
-            " run the command again (one in flight may have been copied but not yet removed: a duplicate, never a loss)"
+            f"{exc}. {report.count} dead letter(s) done before that; the others are still dead-lettered:"
+            " run the command again (one in flight may have been copied but not yet removed: a duplicate,"
+            " never a loss)",
+            broker=exc.broker,
         ) from None
     except BROKER_FAILURES as exc:
         raise broker_error(where.url, exc, doing="keep talking to") from None
 
 
-def _finish(report: MoveReport, ids: tuple[str, ...], as_json: bool, dry_run: bool, done: str) -> None:
-    missing = sorted(set(ids) - report.matched_ids)
+def _finish(report: MoveReport, ids: _Ids, *, as_json: bool, dry_run: bool, done: str, verb: str | None = None) -> None:
+    """Print the outcome; ``verb`` lists each dead letter done (a dry run's "would replay")."""
+    missing = ids.missing(report)
+    short = short_ids(report.seen)
     if as_json:
-        emit_json(report.as_json(dry_run=dry_run, missing=missing))
+        emit_json(report.as_json(dry_run=dry_run, missing=missing, short=short))
     else:
-        for letter, why in report.refused:
-            click.echo(f"refused {letter.id} ({letter.name or '?'}): {why}")
+        if verb is not None:
+            for row in report.done:
+                version = f" v{row.version}" if row.version is not None else ""
+                click.echo(f"{verb} {short.get(row.id, row.id)}  {row.name or '?'}{version}  to {row.queue}")
+        for row, why in report.refused:
+            click.echo(f"refused {short.get(row.id, row.id)} ({row.name or '?'}): {why}")
         click.echo(done)
     if missing:
         raise NotFoundError(f"no dead letter with id {', '.join(missing)}")
@@ -154,8 +208,9 @@ def _delay_ms(delay: str | None) -> int | None:
 @click.option("--all", "all_", is_flag=True, help="Every dead letter (narrowed by any filters).")
 @broker_options
 @filter_options
-@click.option("--dry-run", is_flag=True, help="Say what would be replayed or refused; change nothing.")
+@click.option("--dry-run", is_flag=True, help="List what would be replayed or refused; change nothing.")
 @click.option("--delay", metavar="DURATION", help="Run the replayed jobs after this long (e.g. 15m).")
+@click.option("--force", is_flag=True, help="With -m: replay even what the registered types say would fail again.")
 @json_option
 @reports_errors
 def replay(
@@ -171,19 +226,34 @@ def replay(
     since: str | None,
     dry_run: bool,
     delay: str | None,
+    force: bool,
     as_json: bool,
 ) -> None:
-    """Move dead letters back to their queues, attempts reset; each is published with confirm before it is removed."""
+    """Move dead letters back to their queues, attempts reset; each is published with confirm before it is removed.
+
+    Needs no job modules: the message goes back as it is. With -m, each is first checked against
+    its registered type, and what would fail again is refused (unless --force).
+    """
     where = target(broker_url, prefix, modules)
-    selection = _selection(ids, job, error, since)
-    require_target(ids, all_, selection, queue)
+    require_target(ids, all_, _selection((), job, error, since), queue)
     delay_ms = _delay_ms(delay)
-    with nullcontext(None) if dry_run else where.broker("dead-letters replay publish") as broker:
-        replayer = Replayer(broker, default_registry, delay_ms=delay_ms, dry_run=dry_run, broker_url=where.url)
-        _run(where, _queues(where, queue), selection, visit=replayer, report=replayer.report, label="replay")
-    moved = replayer.report.moved
-    done = f"would replay {moved} dead letter(s); nothing changed" if dry_run else f"replayed {moved} dead letter(s)"
-    _finish(replayer.report, ids, as_json, dry_run, done)
+    queues = _queues(where, queue)
+    chosen = _resolve(where, queues, ids, "dead-letters replay ids")
+    selection = _selection(chosen.resolved.values(), job, error, since)
+    registry = default_registry if modules else None
+    publishes = not dry_run and not chosen.nothing_to_do
+    with where.broker("dead-letters replay publish") if publishes else nullcontext(None) as broker:
+        replayer = Replayer(
+            broker, registry, delay_ms=delay_ms, dry_run=dry_run or broker is None, broker_url=where.url, force=force
+        )
+        if not chosen.nothing_to_do:
+            _run(where, queues, selection, visit=replayer, report=replayer.report, label="replay")
+    count = replayer.report.count
+    if dry_run:
+        done, verb = f"would replay {count} dead letter(s); nothing changed", "would replay"
+        _finish(replayer.report, chosen, as_json=as_json, dry_run=True, done=done, verb=verb)
+    else:
+        _finish(replayer.report, chosen, as_json=as_json, dry_run=False, done=f"replayed {count} dead letter(s)")
 
 
 @dead_letters.command("purge")
@@ -210,14 +280,17 @@ def purge(
 ) -> None:
     """Delete dead letters for good; asks first unless --yes."""
     where = target(broker_url, prefix, modules)
-    selection = _selection(ids, job, error, since)
-    require_target(ids, all_, selection, queue)
+    require_target(ids, all_, _selection((), job, error, since), queue)
     queues = _queues(where, queue)
+    chosen = _resolve(where, queues, ids, "dead-letters purge ids")
+    selection = _selection(chosen.resolved.values(), job, error, since)
     purger = Purger()
     # Counted on a connection closed before the prompt: a person may take longer than a heartbeat.
-    matching = len(_collect(where, queues, selection, "dead-letters purge count")) if not yes else None
+    matching = 0 if chosen.nothing_to_do else None
+    if not yes and matching is None:
+        matching = len(_collect(where, queues, selection, "dead-letters purge count"))
     if matching:
         click.confirm(f"Purge {matching} dead letter(s) for good?", abort=True, err=True)
     if matching != 0:
         _run(where, queues, selection, visit=purger, report=purger.report, label="purge")
-    _finish(purger.report, ids, as_json, False, f"purged {purger.report.moved} dead letter(s)")
+    _finish(purger.report, chosen, as_json=as_json, dry_run=False, done=f"purged {purger.report.count} dead letter(s)")

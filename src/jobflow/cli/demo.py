@@ -12,8 +12,9 @@ from datetime import timedelta
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from jobflow.broker import redact_url
+from jobflow.broker.connection import describe_broker
 from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR
+from jobflow.broker.rabbitmq import JobflowRabbitmqBroker
 from jobflow.errors import ConfigurationError
 from jobflow.log_config import configure_logging
 from jobflow.publish_command import PublishCommandJob
@@ -25,19 +26,25 @@ from jobflow.worker import InProcessWorker
 DEMO_TIMEOUT_S = 15.0
 
 
+#: The example application: shipped inside jobflow, so the demo runs from an installed package.
+EXAMPLE_MODULE = "jobflow.examples"
+
+
 def _load_example(module: str) -> Any:
-    # Like `dramatiq --path .`: the example application lives beside the project, not in site-packages.
-    if os.getcwd() not in sys.path:
+    # Another module (one with the same classes) is imported as `dramatiq --path .` would: from the
+    # current directory too.
+    if module != EXAMPLE_MODULE and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ConfigurationError(
-            f"cannot import the example application {module!r} ({exc}); run the demo from the project's root"
+            f"cannot import the example application {module!r} ({exc}); run the demo from the project's root,"
+            f" or without --module for jobflow's own ({EXAMPLE_MODULE})"
         ) from exc
 
 
-def run_demo(broker_url: str, *, module: str = "actors", out: TextIO | None = None) -> bool:
+def run_demo(broker_url: str, *, module: str = EXAMPLE_MODULE, out: TextIO | None = None) -> bool:
     """Schedule the examples, run them on an in-process worker, print what happened; True if all ran."""
     out = out or sys.stdout
     app = _load_example(module)
@@ -47,7 +54,7 @@ def run_demo(broker_url: str, *, module: str = "actors", out: TextIO | None = No
     settings = Settings(broker_url=broker_url, queue_prefix=prefix, log_format="console")
     configure_logging("console", "INFO", stream=out, tracebacks=False)
     logging.getLogger("dramatiq").setLevel(logging.CRITICAL)  # its retry tracebacks repeat ours
-    print(f"jobflow demo on {redact_url(broker_url)} (queues {prefix}.*)", file=out)
+    print(f"jobflow demo on {describe_broker(broker_url)} (queues {prefix}.*)", file=out)
 
     tracker = OutcomeTracker()
     scheduler = BrokerJobScheduler(settings=settings)
@@ -93,6 +100,6 @@ def run_demo(broker_url: str, *, module: str = "actors", out: TextIO | None = No
 
 
 def _delete_queues(scheduler: BrokerJobScheduler) -> None:
-    delete = getattr(scheduler.broker, "delete_topology", None)
-    if delete is not None:
-        delete()
+    """Delete what the demo declared: its work queues (with ``.DQ`` and ``.XQ``) and its delay ladder."""
+    if isinstance(scheduler.broker, JobflowRabbitmqBroker):
+        scheduler.broker.delete_topology()

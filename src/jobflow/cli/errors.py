@@ -37,6 +37,21 @@ class NotFoundError(OperatorError, LookupError):
 
 
 class BrokerError(OperatorError):
-    """The broker cannot be reached, refused the connection, or dropped it midway."""
+    """The broker cannot be reached, refused the connection, or dropped it midway.
+
+    ``broker`` is the URL with its password masked (the message says it too).
+    """
 
     exit_code = EXIT_BROKER
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        broker: str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message, name=name, version=version, job_id=job_id)
+        self.broker = broker

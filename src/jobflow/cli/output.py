@@ -7,8 +7,10 @@ pipes stay clean.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from typing import Any
 
 import click
@@ -20,13 +22,13 @@ from rich.table import Table
 from jobflow.cli.letters import DeadLetterView
 from jobflow.cli.status import UNACKED_NOTE, Status
 
-#: Off a terminal, wide enough that tables are not squeezed into 80 columns.
+#: Off a terminal, wide enough that tables are not squeezed into 80 columns (unless COLUMNS says).
 _PIPE_WIDTH = 200
 
 
 def stdout() -> Console:
     console = Console(highlight=False)
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
         console.width = _PIPE_WIDTH
     return console
 
@@ -82,22 +84,59 @@ def status_table(status: Status) -> Table:
     return table
 
 
-def dead_letter_table(letters: list[DeadLetterView], total: int) -> Table:
+def dead_letter_table(
+    letters: list[DeadLetterView], total: int, short: dict[str, str] | None = None, *, width: int = 80
+) -> Table:
+    """One line per dead letter, fitting 80 columns: short ids, a compact UTC time, the error cut to fit.
+
+    ``short`` maps each id to its unique prefix (see :func:`jobflow.cli.selection.short_ids`);
+    ``show``, ``replay`` and ``purge`` take it as they take the full id.
+    """
     caption = f"{len(letters)} of {total} shown" if len(letters) < total else f"{total} dead letter(s)"
-    table = Table(title="dead letters", caption=caption)
-    for column in ("id", "job", "v", "error", "attempts", "failed at", "replays"):
-        table.add_column(column, overflow="fold")
-    for letter in letters:
-        table.add_row(
-            letter.id,
-            escape(letter.name or "?"),
+    rows = [
+        (
+            (short or {}).get(letter.id, letter.id),
+            letter.name or "?",
             str(letter.version or "?"),
-            escape(_error_text(letter)),
+            _error_text(letter),
             str(letter.attempts if letter.attempts is not None else "?"),
-            letter.failed_at.isoformat(timespec="seconds") if letter.failed_at else "?",
+            letter.failed_at.astimezone(UTC).strftime("%y-%m-%d %H:%M") if letter.failed_at else "?",
             str(letter.replay_count),
         )
+        for letter in letters
+    ]
+    table = Table(title="dead letters", caption=caption, box=None, pad_edge=False, header_style="bold underline")
+    widths = [
+        min(max([len(header), *(len(row[i]) for row in rows)]), limit) for i, (header, limit) in enumerate(_COLUMNS)
+    ]
+    # Every column but the error keeps its width; the error takes what is left (a column is padded
+    # by a space on either side, but not at the table's edges).
+    error = _COLUMNS.index(("error", 0))
+    widths[error] = max(12, width - (sum(widths) - widths[error]) - 2 * (len(widths) - 1))
+    for (header, _), fixed in zip(_COLUMNS, widths, strict=True):
+        table.add_column(
+            header,
+            no_wrap=True,
+            overflow="ellipsis",
+            min_width=fixed,
+            max_width=fixed,
+            justify="right" if header in ("v", "tries", "replays") else "left",
+        )
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
     return table
+
+
+#: (header, widest it may be; the error's 0: whatever is left, cut with an ellipsis).
+_COLUMNS = (
+    ("id", 40),
+    ("job", 16),
+    ("v", 3),
+    ("error", 0),
+    ("tries", 5),
+    ("failed UTC", 14),
+    ("replays", 7),
+)
 
 
 def _error_text(letter: DeadLetterView, width: int = 80) -> str:

@@ -1,7 +1,14 @@
-"""Which dead letters a command acts on: IDs, ``--all``, or filters (which narrow IDs and ``--all`` too)."""
+"""Which dead letters a command acts on: IDs, ``--all``, or filters (which narrow IDs and ``--all`` too).
+
+IDs may be abbreviated as git's commit hashes are: any unique prefix of at least
+:data:`MIN_PREFIX` characters names a dead letter, an exact id always wins, and an ambiguous
+prefix is an error that lists the candidates. Listings show each id by its shortest unique prefix,
+at least :data:`SHORT_ID` characters (a UUID's first group), so a row fits 80 columns.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -63,3 +70,61 @@ def require_target(ids: tuple[str, ...], all_: bool, selection: Selection, queue
         raise UsageProblem("give dead-letter IDs or --all, not both")
     if not ids and not all_ and not selection.has_filters and queue is None:
         raise UsageProblem("say which dead letters: IDs, --all, or filters (--queue, --job, --error, --since)")
+
+
+#: The shortest prefix accepted for a dead letter's id (git's minimum for a hash).
+MIN_PREFIX = 4
+#: The shortest id a listing shows: a UUID's first group.
+SHORT_ID = 8
+#: How many candidates an ambiguous prefix's error lists.
+_CANDIDATES_SHOWN = 10
+
+
+def short_ids(ids: Iterable[str], minimum: int = SHORT_ID) -> dict[str, str]:
+    """Each id's shortest prefix (at least ``minimum`` characters) that no other id shares."""
+    ordered = sorted(set(ids))
+    short: dict[str, str] = {}
+    for i, ident in enumerate(ordered):
+        shared = max((_common_prefix(ident, ordered[j]) for j in (i - 1, i + 1) if 0 <= j < len(ordered)), default=0)
+        short[ident] = ident[: max(minimum, shared + 1)]
+    return short
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def resolve_ids(given: Iterable[str], known: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Map each given id or prefix to the one full id it names; return that and those naming none.
+
+    An ambiguous prefix, or one shorter than :data:`MIN_PREFIX` that is no full id, is a usage
+    problem raised before anything is done.
+    """
+    ids = sorted(set(known))
+    exact = set(ids)
+    resolved: dict[str, str] = {}
+    missing: list[str] = []
+    for wanted in dict.fromkeys(given):
+        if wanted in exact:
+            resolved[wanted] = wanted
+            continue
+        if len(wanted) < MIN_PREFIX:
+            raise UsageProblem(f"id prefix {wanted!r} is too short: give at least {MIN_PREFIX} characters")
+        candidates = [ident for ident in ids if ident.startswith(wanted)]
+        if len(candidates) > 1:
+            shown = ", ".join(candidates[:_CANDIDATES_SHOWN])
+            more = f" and {len(candidates) - _CANDIDATES_SHOWN} more" if len(candidates) > _CANDIDATES_SHOWN else ""
+            raise UsageProblem(
+                f"id prefix {wanted!r} is ambiguous: {len(candidates)} dead letters match ({shown}{more});"
+                " give more characters"
+            )
+        if candidates:
+            resolved[wanted] = candidates[0]
+        else:
+            missing.append(wanted)
+    return resolved, missing

@@ -3,7 +3,10 @@
 The order matters and :func:`stack` is the one place that sets it (a test pins it): Dramatiq runs
 ``before_*`` hooks in list order and ``after_*`` hooks in reverse, so :class:`JobTimeLimit` comes
 after :class:`Failures`: its deadline is disarmed before a retry or a dead letter is published, and
-cannot interrupt that publish.
+cannot interrupt that publish. :class:`Metrics` comes after Failures and :class:`DueTime`: it sees a
+failed attempt before its retry is published, and never counts an early message as started.
+:class:`Shutdown` comes first: once a worker's stop began it refuses a message before any other
+middleware saw it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, Ti
 from jobflow.middleware.boot import WorkerBoot
 from jobflow.middleware.due_time import DUE_OPTION, DueTime, current_due_at
 from jobflow.middleware.failures import Failures
+from jobflow.middleware.metrics import Metrics
+from jobflow.middleware.shutdown import DaemonAsyncIO, Shutdown
 from jobflow.middleware.time_limit import JobTimeLimit
 
 
@@ -20,13 +25,15 @@ def stack(given: list[Middleware] | None = None) -> list[Middleware]:
     """Dramatiq's middleware (``given``, else its defaults) with jobflow's in their places.
 
     Retries becomes :class:`Failures` (its defaults carried over), TimeLimit becomes
-    :class:`JobTimeLimit`; AsyncIO, CurrentMessage, :class:`DueTime` and :class:`WorkerBoot` are
-    added when missing.
+    :class:`JobTimeLimit`; AsyncIO, CurrentMessage, :class:`DueTime`, :class:`WorkerBoot` and
+    :class:`Metrics` are added when missing; AsyncIO becomes :class:`DaemonAsyncIO` and
+    :class:`Shutdown` goes first.
     Failures is added even where Retries was left out: without it a failed message would be acked.
     """
     base = list(given) if given is not None else [m() for m in default_middleware]
     out: list[Middleware] = []
     time_limit = JobTimeLimit()
+    shutdown = Shutdown()
     for m in base:
         if isinstance(m, Retries):
             out.append(
@@ -41,12 +48,27 @@ def stack(given: list[Middleware] | None = None) -> list[Middleware]:
             time_limit = m
         elif isinstance(m, TimeLimit):
             time_limit = JobTimeLimit(time_limit=m.time_limit)
+        elif isinstance(m, Shutdown):
+            shutdown = m
+        elif isinstance(m, AsyncIO) and not isinstance(m, DaemonAsyncIO):
+            out.append(DaemonAsyncIO())
         else:
             out.append(m)
-    for kind in (Failures, AsyncIO, CurrentMessage, DueTime, WorkerBoot):
+    for kind in (Failures, DaemonAsyncIO, CurrentMessage, DueTime, WorkerBoot, Metrics):
         if not any(isinstance(m, kind) for m in out):
             out.append(kind())
-    return [*out, time_limit]
+    return [shutdown, *out, time_limit]
 
 
-__all__ = ["DUE_OPTION", "DueTime", "Failures", "JobTimeLimit", "WorkerBoot", "current_due_at", "stack"]
+__all__ = [
+    "DUE_OPTION",
+    "DaemonAsyncIO",
+    "DueTime",
+    "Failures",
+    "JobTimeLimit",
+    "Metrics",
+    "Shutdown",
+    "WorkerBoot",
+    "current_due_at",
+    "stack",
+]

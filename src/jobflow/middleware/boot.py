@@ -16,9 +16,13 @@ import dramatiq
 import structlog
 from dramatiq.middleware import Middleware
 
+from jobflow.broker.connection import redact_url
 from jobflow.errors import BrokerUnavailableError, ConfigurationError
+from jobflow.log_config import get_logger
+from jobflow.middleware.targets import registry_of
+from jobflow.settings import Settings
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 #: Dramatiq's exit code for "broker connection failed during worker start-up".
 EXIT_FATAL = 3
@@ -50,6 +54,32 @@ class WorkerBoot(Middleware):
             logger.warning("worker.broker_unavailable", error=str(exc), outcome="consumers keep trying to connect")
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
-        describe = getattr(broker, "describe_worker", None)
-        if describe is not None:
-            logger.info("worker.started", **describe(worker))
+        logger.info("worker.started", **describe_worker(broker, worker))
+        start_watchdog = getattr(broker, "start_watchdog", None)  # the delay ladder's; one worker is elected
+        if start_watchdog is not None:
+            start_watchdog()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        stop_watchdog = getattr(broker, "stop_watchdog", None)  # a daemon thread: it never holds the exit up
+        if stop_watchdog is not None:
+            stop_watchdog()
+
+
+def describe_worker(broker: dramatiq.Broker, worker: Any) -> dict[str, Any]:
+    """What a worker serves, for its one start-up line: broker (password masked), queues, types and versions."""
+    settings = getattr(broker, "settings", None)
+    registry = registry_of(broker)
+    jobs: dict[str, list[int]] = {}
+    for job in registry.jobs():
+        jobs.setdefault(job.job_name, []).append(job.job_version)
+    commands: dict[str, list[int]] = {}
+    for command in registry.commands():
+        commands.setdefault(command.command_name, []).append(command.command_version)
+    return {
+        "broker": redact_url(settings.broker_url) if isinstance(settings, Settings) else type(broker).__name__,
+        "queues": sorted(getattr(worker, "consumers", None) or broker.get_declared_queues()),
+        "jobs": jobs,
+        "commands": commands,
+        "threads": getattr(worker, "worker_threads", None),
+        "pid": os.getpid(),
+    }

@@ -20,6 +20,7 @@ from dramatiq.common import current_millis
 from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
 
 from jobflow.broker.ladder import MAX_DELAY_MS
+from jobflow.log_config import get_logger
 
 DUE_OPTION = "due_ms"
 
@@ -28,7 +29,7 @@ DUE_OPTION = "due_ms"
 #: goes back into the broker's delay topology for the rest of its delay.
 MAX_EARLY_SLEEP_MS = 25
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 
 class DueTime(Middleware):

@@ -51,11 +51,12 @@ from jobflow.dead_letter import (
     new_record,
 )
 from jobflow.errors import UnknownCommandError, UnknownJobError
+from jobflow.log_config import get_logger
 from jobflow.middleware.targets import Target, registry_of, target_of
 from jobflow.retry import requested_delay
 from jobflow.settings import Settings
 
-logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
+logger: structlog.typing.FilteringBoundLogger = get_logger()
 
 #: The longest wait between two attempts at a type no worker knows yet: short, so a job runs soon
 #: after the workers that know it arrive.

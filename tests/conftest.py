@@ -25,7 +25,7 @@ import pytest
 
 from jobflow import JobRegistry, Settings
 from jobflow.broker.ladder import DelayTopology
-from jobflow.broker.names import commands_queue, jobs_queue
+from jobflow.broker.names import commands_queue, jobs_queue, routed_queue
 
 AMQP_URL = os.environ.get("JOBFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REQUIRE_RABBITMQ = os.environ.get("CI") == "true" or os.environ.get("JOBFLOW_REQUIRE_RABBITMQ") == "1"
@@ -119,12 +119,17 @@ def amqp_settings(rabbitmq_url: str) -> Iterator[Settings]:
     delete_declared(rabbitmq_url, settings)
 
 
+#: The routed queues tests use (``queue=`` on their types or their schedule calls), deleted with the rest.
+ROUTED_TEST_QUEUES = ("emails", "reports", "billing")
+
+
 def delete_declared(url: str, settings: Settings) -> None:
     """Delete the work queues and the delay topology of one queue prefix."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        for queue in (jobs_queue(settings.queue_prefix), commands_queue(settings.queue_prefix)):
+        routed = [routed_queue(settings.queue_prefix, name) for name in ROUTED_TEST_QUEUES]
+        for queue in (jobs_queue(settings.queue_prefix), commands_queue(settings.queue_prefix), *routed):
             for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
                 channel.queue_delete(name)
         DelayTopology(settings.queue_prefix).delete(channel)

@@ -156,14 +156,14 @@ class TestClassKeywords:
         """A class keyword jobflow does not take is a TypeError and a JobflowError naming it and the accepted ones."""
         with pytest.raises(jobflow.JobflowTypeError) as info:
 
-            class Typo(jobflow.Job, registry=registry, queue="billing"):
+            class Typo(jobflow.Job, registry=registry, queues="billing"):
                 def execute(self, ctx: jobflow.JobContext) -> None: ...
 
         assert isinstance(info.value, TypeError)
         assert isinstance(info.value, jobflow.JobflowError)
         message = str(info.value)
-        assert "Typo: unknown class keyword(s) 'queue'" in message
-        for accepted in ("name=", "version=", "registry=", "abstract=", "retry=", "time_limit="):
+        assert "Typo: unknown class keyword(s) 'queues'" in message
+        for accepted in ("name=", "version=", "registry=", "abstract=", "retry=", "time_limit=", "queue="):
             assert accepted in message
 
         with pytest.raises(jobflow.JobflowTypeError, match="'urgent'"):

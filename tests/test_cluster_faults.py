@@ -291,6 +291,13 @@ def figures(
     )
 
 
+def left_in_queues(s: Scenario, url: str) -> dict[str, int]:
+    """What is still queued anywhere in the prefix's topology: where jobs that did not run wait."""
+    names = [jobs_queue(s.prefix), f"{jobs_queue(s.prefix)}.XQ", unroutable_queue(s.prefix), *delay_queues(s.prefix)]
+    counts = {name: message_count(url, name) for name in names}
+    return {name: n for name, n in counts.items() if n}
+
+
 def watchdog_summary(s: Scenario) -> str:
     lines = []
     for i, worker in enumerate(s.workers, 1):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pika
 import pika.exceptions
@@ -19,6 +20,7 @@ from jobflow import Settings
 from jobflow.broker.names import jobs_queue
 from jobflow.cli import main
 
+from .conftest import have_rabbitmqctl, rabbitmqctl
 from .faults import message_count
 from .helpers import eventually
 
@@ -69,6 +71,15 @@ def test_demo_on_rabbitmq(rabbitmq_url: str) -> None:
             connection.channel().queue_declare(f"{prefix.group(1)}.jobs", passive=True)
     finally:
         connection.close()
+    if not have_rabbitmqctl():
+        return
+    vhost = unquote(urlsplit(rabbitmq_url).path[1:]) or "/"
+    names = [
+        line.strip()
+        for kind in ("list_queues", "list_exchanges")
+        for line in rabbitmqctl(kind, "-p", vhost, "--no-table-headers", "name").stdout.splitlines()
+    ]
+    assert [n for n in names if n.startswith(prefix.group(1) + ".")] == []  # was 39 queues, 78 exchanges
 
 
 @pytest.mark.rabbitmq

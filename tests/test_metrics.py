@@ -213,7 +213,7 @@ class TestInProcess:
                 ("Broken", 1, jobs): 1,
                 ("Exhausted", 1, jobs): 2,
                 ("Blocks", 1, jobs): 1,
-                ("PublishCommand", 1, jobs): 1,
+                ("PublishCommand", 2, jobs): 1,
                 ("Hello", 1, commands): 1,
             }
             expected: dict[str, Counts] = {
@@ -340,7 +340,7 @@ class TestWorkerProcesses:
             ("MetricsFlaky", 1, jobs): 3,
             ("MetricsBroken", 1, jobs): 1,
             ("MetricsExhausted", 1, jobs): 2,
-            ("PublishCommand", 1, jobs): 1,
+            ("PublishCommand", 2, jobs): 1,
             ("MetricsNote", 1, commands): 1,
         }
         none: Counts = dict.fromkeys(started, 0)

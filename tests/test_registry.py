@@ -64,11 +64,11 @@ class TestJobs:
 
     def test_default_registry_is_used_by_default(self) -> None:
         """Jobs defined without registry= join jobflow.default_registry."""
-        assert jobflow.default_registry.get("PublishCommand", 1) is jobflow.PublishCommandJob
+        assert jobflow.default_registry.get("PublishCommand", 2) is jobflow.PublishCommandJob
 
     def test_every_registry_knows_publish_command_job(self, registry: JobRegistry) -> None:
         """PublishCommandJob is built in, in custom registries too."""
-        assert registry.get("PublishCommand", 1) is jobflow.PublishCommandJob
+        assert registry.get("PublishCommand", 2) is jobflow.PublishCommandJob
 
     def test_registries_are_separate(self) -> None:
         """Two registries keep the same pair apart (tests, tenants)."""

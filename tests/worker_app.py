@@ -26,6 +26,16 @@ class TouchFile(jobflow.Job, name="TouchFile", version=1):
         _write(self.path, {"text": self.text, "job_id": ctx.job_id, "attempt": ctx.attempt, "at": time.time()})
 
 
+class RoutedTouchFile(jobflow.Job, name="RoutedTouchFile", version=1, queue="emails"):
+    """TouchFile on a queue of its own: ``<prefix>.emails``."""
+
+    path: str
+    text: str
+
+    def execute(self, ctx: jobflow.JobContext) -> None:
+        _write(self.path, {"text": self.text, "job_id": ctx.job_id, "attempt": ctx.attempt, "at": time.time()})
+
+
 class AsyncTouchFile(jobflow.Job, name="AsyncTouchFile", version=1):
     path: str
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from jobflow.broker.names import DEFAULT_COMMANDS_QUEUE
 from jobflow.registry import JobRegistry
 from jobflow.versioned import VersionedModel
 
@@ -18,11 +19,13 @@ CommandHandler = Callable[[C, "CommandContext"], Any | Awaitable[Any]]
 class Command(VersionedModel, abstract=True):
     """``class SendEmailCommand(Command, name="SendEmail", version=1)``; handled by one handler.
 
-    ``retry=`` and ``time_limit=`` apply to the command-bus message that runs the handler.
+    ``retry=`` and ``time_limit=`` apply to the command-bus message that runs the handler;
+    ``queue="billing"`` sends it to ``<prefix>.billing`` (default ``commands``).
     """
 
     command_name: ClassVar[str]
     command_version: ClassVar[int]
+    __jobflow_queue__: ClassVar[str] = DEFAULT_COMMANDS_QUEUE
 
     @classmethod
     def _set_identity(cls, name: str, version: int) -> None:

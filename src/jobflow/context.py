@@ -15,7 +15,8 @@ from jobflow.envelope import CommandEnvelope
 class CommandBus(Protocol):
     """Where a command goes: the command-bus actor's queue, or a handler in this process."""
 
-    def publish(self, envelope: CommandEnvelope) -> None: ...
+    def publish(self, envelope: CommandEnvelope, queue: str | None = None) -> None:
+        """``queue``: the short name of the command's queue (its type's); None, the bus decides."""
 
 
 @dataclass(frozen=True)

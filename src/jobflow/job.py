@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
+from jobflow.broker.names import DEFAULT_JOBS_QUEUE
 from jobflow.errors import ConfigurationError
 from jobflow.versioned import VersionedModel
 
@@ -18,11 +19,13 @@ class Job(VersionedModel, abstract=True):
     ``class LogMessageJob(Job, name="LogMessage", version=1)``; without them, the class name and 1.
     ``registry=`` joins another registry than ``default_registry``; ``abstract=True`` registers
     nothing (for shared base classes). ``retry=RetryPolicy(...)`` and ``time_limit=timedelta(...)``
-    override the registry's defaults for this type and its subclasses.
+    override the registry's defaults for this type and its subclasses. ``queue="emails"`` sends
+    its messages to ``<prefix>.emails`` (default ``jobs``); subclasses inherit it.
     """
 
     job_name: ClassVar[str]
     job_version: ClassVar[int]
+    __jobflow_queue__: ClassVar[str] = DEFAULT_JOBS_QUEUE
 
     @classmethod
     def _set_identity(cls, name: str, version: int) -> None:

@@ -93,10 +93,10 @@ class HeldCommands:
     """The command bus a job sees: it keeps what the job publishes until the job has succeeded."""
 
     def __init__(self) -> None:
-        self.held: list[CommandEnvelope] = []
+        self.held: list[tuple[CommandEnvelope, str | None]] = []
 
-    def publish(self, envelope: CommandEnvelope) -> None:
-        self.held.append(envelope)
+    def publish(self, envelope: CommandEnvelope, queue: str | None = None) -> None:
+        self.held.append((envelope, queue))
 
 
 class JobRunner:
@@ -139,8 +139,8 @@ class JobRunner:
         return job, ctx, held
 
     def _release(self, held: HeldCommands) -> None:
-        for envelope in held.held:
-            self.command_bus.publish(envelope)
+        for envelope, queue in held.held:
+            self.command_bus.publish(envelope, queue)
 
     def run_job(
         self,

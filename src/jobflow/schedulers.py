@@ -12,7 +12,7 @@ import dramatiq
 import structlog
 
 from jobflow.broker import create_broker
-from jobflow.broker.names import RUN_JOB_ACTOR, jobs_queue
+from jobflow.broker.names import RUN_JOB_ACTOR, jobs_queue, routed_queue
 from jobflow.broker.rabbitmq import JobflowRabbitmqBroker
 from jobflow.envelope import (
     MAX_DELAY,
@@ -29,6 +29,7 @@ from jobflow.middleware.due_time import DUE_OPTION
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.runner import JobRunner, run_coroutine_here
 from jobflow.settings import Settings
+from jobflow.versioned import check_queue_name
 
 logger: structlog.typing.FilteringBoundLogger = get_logger()
 
@@ -39,20 +40,32 @@ __all__ = ["MAX_DELAY", "BrokerJobScheduler", "InstantJobScheduler", "JobSchedul
 class JobScheduler(Protocol):
     """``schedule`` returns the job's id; a past ``run_at`` or a negative delay means now."""
 
-    def schedule(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str: ...
+    def schedule(
+        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
+    ) -> str: ...
 
-    def schedule_now(self, job: Job) -> str: ...
+    def schedule_now(self, job: Job, *, queue: str | None = None) -> str: ...
 
     def schedule_many(
-        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+        self,
+        jobs: Iterable[Job],
+        *,
+        delay: timedelta | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
     ) -> list[str]: ...
 
     async def schedule_many_async(
-        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+        self,
+        jobs: Iterable[Job],
+        *,
+        delay: timedelta | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
     ) -> list[str]: ...
 
     async def schedule_async(
-        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None
+        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
     ) -> str: ...
 
 
@@ -62,8 +75,8 @@ class _CollectingCommandBus:
     def __init__(self) -> None:
         self.published: list[CommandEnvelope] = []
 
-    def publish(self, envelope: CommandEnvelope) -> None:
-        self.published.append(envelope)
+    def publish(self, envelope: CommandEnvelope, queue: str | None = None) -> None:
+        self.published.append(envelope)  # run here: the routing does not matter
 
 
 class InstantJobScheduler:
@@ -90,8 +103,10 @@ class InstantJobScheduler:
         self.close()
 
     def _prepare(
-        self, job: Job, delay: timedelta | None, run_at: datetime | None
+        self, job: Job, delay: timedelta | None, run_at: datetime | None, queue: str | None = None
     ) -> tuple[JobEnvelope, JobRunner, _CollectingCommandBus]:
+        if queue is not None:
+            check_queue_name(queue)  # accepted and ignored, as a delay is: but misuse still says so
         envelope = make_envelope(job, self.registry, delay=delay, run_at=run_at)
         if envelope.due_at > envelope.scheduled_at:
             logger.warning(
@@ -105,33 +120,57 @@ class InstantJobScheduler:
         bus = _CollectingCommandBus()
         return JobEnvelope.model_validate_json(envelope.model_dump_json()), JobRunner(self.registry, bus), bus
 
-    def schedule(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
-        envelope, runner, bus = self._prepare(job, delay, run_at)
+    def schedule(
+        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
+    ) -> str:
+        envelope, runner, bus = self._prepare(job, delay, run_at, queue)
         runner.run_job(envelope, attempt=1, queue=self.queue, run_coroutine=run_coroutine_here)
         for command in bus.published:
             runner.dispatch_command(_round_trip(command), attempt=1, queue=self.queue, run_coroutine=run_coroutine_here)
         return envelope.job_id
 
-    def schedule_now(self, job: Job) -> str:
-        return self.schedule(job)
+    def schedule_now(self, job: Job, *, queue: str | None = None) -> str:
+        return self.schedule(job, queue=queue)
 
     def schedule_many(
-        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+        self,
+        jobs: Iterable[Job],
+        *,
+        delay: timedelta | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
     ) -> list[str]:
         """Each job in turn, now; the first that raises stops the rest."""
-        return [self.schedule(job, delay=delay, run_at=run_at) for job in jobs]
+        return [self.schedule(job, delay=delay, run_at=run_at, queue=queue) for job in jobs]
 
     async def schedule_many_async(
-        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+        self,
+        jobs: Iterable[Job],
+        *,
+        delay: timedelta | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
     ) -> list[str]:
-        return [await self.schedule_async(job, delay=delay, run_at=run_at) for job in jobs]
+        return [await self.schedule_async(job, delay=delay, run_at=run_at, queue=queue) for job in jobs]
 
-    async def schedule_async(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
-        envelope, runner, bus = self._prepare(job, delay, run_at)
+    async def schedule_async(
+        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
+    ) -> str:
+        envelope, runner, bus = self._prepare(job, delay, run_at, queue)
         await runner.run_job_async(envelope, attempt=1, queue=self.queue)
         for command in bus.published:
             await runner.dispatch_command_async(_round_trip(command), attempt=1, queue=self.queue)
         return envelope.job_id
+
+
+def prepare_queue(broker: dramatiq.Broker, queue: str) -> None:
+    """Have ``queue`` exist for publishing without making this process's worker consume it (a job
+    that schedules to a routed queue must not turn its worker into a consumer of that queue)."""
+    require = getattr(broker, "require_queue", None)
+    if require is not None:
+        require(queue)
+    elif queue not in broker.get_declared_queues():
+        broker.declare_queue(queue)  # the in-memory broker accepts messages only for declared queues
 
 
 def _ms(delta: timedelta) -> int:
@@ -164,28 +203,37 @@ class BrokerJobScheduler:
         self.registry = registry or default_registry
         self._owns_broker = broker is None
         self.broker = broker if broker is not None else create_broker(settings)
+        #: The default queue (``<prefix>.jobs``); a type's ``queue=`` or a call's ``queue=`` routes elsewhere.
         self.queue = jobs_queue(settings.queue_prefix)
         self.broker.declare_queue(self.queue)
+        self._routed = {self.queue}
 
-    def schedule(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
+    def schedule(
+        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
+    ) -> str:
         """Publish ``job``; returns its id once RabbitMQ confirmed it, or raises BrokerUnavailableError."""
-        envelope, message = self._message(job, delay, run_at)
+        envelope, message = self._message(job, delay, run_at, queue)
         self.broker.enqueue(message)
-        self._scheduled(envelope)
+        self._scheduled(envelope, message.queue_name)
         return envelope.job_id
 
-    def schedule_now(self, job: Job) -> str:
-        return self.schedule(job)
+    def schedule_now(self, job: Job, *, queue: str | None = None) -> str:
+        return self.schedule(job, queue=queue)
 
     def schedule_many(
-        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+        self,
+        jobs: Iterable[Job],
+        *,
+        delay: timedelta | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
     ) -> list[str]:
         """Publish every job with their confirms pipelined; returns their ids once all are confirmed.
 
         Every job is validated before the first is published. If some are not confirmed in time,
         :class:`BrokerUnavailableError` lists their ids in ``job_ids``; the others stay scheduled.
         """
-        prepared = [self._message(job, delay, run_at) for job in jobs]
+        prepared = [self._message(job, delay, run_at, queue) for job in jobs]
         try:
             if isinstance(self.broker, JobflowRabbitmqBroker):
                 self.broker.enqueue_many([message for _, message in prepared])
@@ -193,31 +241,38 @@ class BrokerJobScheduler:
                 self._enqueue_each([message for _, message in prepared])
         except BrokerUnavailableError as exc:
             unconfirmed = set(exc.job_ids)
-            for envelope, _ in prepared:
+            for envelope, message in prepared:
                 if envelope.job_id not in unconfirmed:
-                    self._scheduled(envelope)
+                    self._scheduled(envelope, message.queue_name)
             raise
-        for envelope, _ in prepared:
-            self._scheduled(envelope)
+        for envelope, message in prepared:
+            self._scheduled(envelope, message.queue_name)
         return [envelope.job_id for envelope, _ in prepared]
 
-    async def schedule_async(self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None) -> str:
+    async def schedule_async(
+        self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
+    ) -> str:
         """:meth:`schedule` without blocking the event loop: every task shares the one publisher."""
         broker = self.broker
         if not isinstance(broker, JobflowRabbitmqBroker):  # the in-memory broker publishes at once
-            return self.schedule(job, delay=delay, run_at=run_at)
-        envelope, message = self._message(job, delay, run_at)
+            return self.schedule(job, delay=delay, run_at=run_at, queue=queue)
+        envelope, message = self._message(job, delay, run_at, queue)
         pending = broker.enqueue_start(message)
         await broker.publisher.wait_async(pending.future)
         broker.enqueue_finish(pending)
-        self._scheduled(envelope)
+        self._scheduled(envelope, message.queue_name)
         return envelope.job_id
 
     async def schedule_many_async(
-        self, jobs: Iterable[Job], *, delay: timedelta | None = None, run_at: datetime | None = None
+        self,
+        jobs: Iterable[Job],
+        *,
+        delay: timedelta | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
     ) -> list[str]:
         """:meth:`schedule_many` for a coroutine (the confirms are awaited on a worker thread)."""
-        return await asyncio.to_thread(self.schedule_many, list(jobs), delay=delay, run_at=run_at)
+        return await asyncio.to_thread(self.schedule_many, list(jobs), delay=delay, run_at=run_at, queue=queue)
 
     def _enqueue_each(self, messages: list[dramatiq.Message[None]]) -> None:
         failed: list[str] = []
@@ -235,8 +290,17 @@ class BrokerJobScheduler:
                 job_ids=failed,
             ) from first
 
+    def queue_for(self, job_type: type[Job], queue: str | None = None) -> str:
+        """The RabbitMQ queue a job of ``job_type`` goes to: ``queue`` if given, else its type's."""
+        name = check_queue_name(queue) if queue is not None else job_type.__jobflow_queue__
+        target = routed_queue(self.settings.queue_prefix, name)
+        if target not in self._routed:
+            prepare_queue(self.broker, target)
+            self._routed.add(target)
+        return target
+
     def _message(
-        self, job: Job, delay: timedelta | None, run_at: datetime | None
+        self, job: Job, delay: timedelta | None, run_at: datetime | None, queue: str | None = None
     ) -> tuple[JobEnvelope, dramatiq.Message[None]]:
         envelope = make_envelope(job, self.registry, delay=delay, run_at=run_at)
         past = requested_in_past(envelope.scheduled_at, delay, run_at)
@@ -246,7 +310,7 @@ class BrokerJobScheduler:
             )
         due_ms = int(envelope.due_at.timestamp() * 1000)
         message: dramatiq.Message[None] = dramatiq.Message(
-            queue_name=self.queue,
+            queue_name=self.queue_for(type(job), queue),
             actor_name=RUN_JOB_ACTOR,
             args=(envelope.to_wire(),),
             kwargs={},
@@ -261,13 +325,13 @@ class BrokerJobScheduler:
         )
         return envelope, message
 
-    def _scheduled(self, envelope: JobEnvelope) -> None:
+    def _scheduled(self, envelope: JobEnvelope, queue: str) -> None:
         logger.info(
             "job.scheduled",
             job_id=envelope.job_id,
             job_name=envelope.name,
             job_version=envelope.version,
-            queue=self.queue,
+            queue=queue,
             due_at=envelope.due_at.isoformat(),
             delay_ms=_ms(envelope.due_at - envelope.scheduled_at),
         )

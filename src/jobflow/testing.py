@@ -28,6 +28,8 @@ class Outcome:
     args: tuple[Any, ...]
     error: str | None
     at: float
+    #: The queue the message was consumed from.
+    queue_name: str = ""
 
 
 class OutcomeTracker(Middleware):
@@ -51,6 +53,7 @@ class OutcomeTracker(Middleware):
             args=tuple(message.args),
             error=None if exception is None else f"{type(exception).__name__}: {exception}",
             at=time.time(),
+            queue_name=message.queue_name,
         )
         with self._changed:
             self.outcomes.append(outcome)

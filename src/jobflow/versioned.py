@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from datetime import timedelta
 from typing import Any, ClassVar, Self
 
@@ -29,6 +30,8 @@ class VersionedModel(BaseModel):
     #: Class options (``retry=``, ``time_limit=``); None means the registry's default. Subclasses inherit them.
     __jobflow_retry__: ClassVar[RetryPolicy | None] = None
     __jobflow_time_limit__: ClassVar[timedelta | None] = None
+    #: The short name of the queue the type's messages go to (``<prefix>.<queue>``); inherited.
+    __jobflow_queue__: ClassVar[str]
 
     def __init_subclass__(
         cls,
@@ -39,6 +42,7 @@ class VersionedModel(BaseModel):
         abstract: bool = False,
         retry: RetryPolicy | None = None,
         time_limit: timedelta | None = None,
+        queue: str | None = None,
         **unknown: Any,
     ) -> None:
         # Consumed here so that object.__init_subclass__ never sees them (pydantic has already taken
@@ -70,6 +74,11 @@ class VersionedModel(BaseModel):
                 cls.__jobflow_time_limit__ = check_time_limit(time_limit)
             except ConfigurationError as exc:
                 raise ConfigurationError(f"{cls.__qualname__}: {exc}") from None
+        if queue is not None:
+            try:
+                cls.__jobflow_queue__ = check_queue_name(queue)
+            except ConfigurationError as exc:
+                raise type(exc)(f"{cls.__qualname__}: {exc}") from None
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -93,6 +102,26 @@ class VersionedModel(BaseModel):
     def from_data(cls, data: Any) -> Self:
         """Validate wire data in JSON mode, so strict models accept what they serialized."""
         return cls.model_validate_json(json.dumps(data))
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)*")
+#: Names of the prefix that are not work queues: the delay ladder's.
+_RESERVED_QUEUES = ("delay",)
+
+
+def check_queue_name(queue: object) -> str:
+    """A short queue name (``emails``, ``reports.slow``) that names a work queue of the prefix."""
+    if not isinstance(queue, str):
+        raise JobflowTypeError(f"queue must be a str such as 'emails', got {queue!r}")
+    if not _QUEUE_NAME.fullmatch(queue) or len(queue) > 200:
+        raise ConfigurationError(
+            f"queue {queue!r} is not a queue name: letters, digits, '_' and '-', in parts joined by '.'"
+            " (the prefix is added: 'emails' is <prefix>.emails)"
+        )
+    head = queue.split(".")[0]
+    if head in _RESERVED_QUEUES or queue.endswith((".DQ", ".XQ")):
+        raise ConfigurationError(f"queue {queue!r} is reserved: jobflow's delay ladder and Dramatiq's .DQ/.XQ use it")
+    return queue
 
 
 def class_options(cls: type) -> list[str]:

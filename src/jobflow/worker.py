@@ -10,16 +10,25 @@ from typing import Any
 
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.common import q_name
 from dramatiq.middleware import CurrentMessage
 
-from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue
+from jobflow.broker.names import DISPATCH_COMMAND_ACTOR, RUN_JOB_ACTOR, commands_queue, jobs_queue, routed_queue
 from jobflow.envelope import CommandEnvelope, JobEnvelope
-from jobflow.errors import ConfigurationError
+from jobflow.errors import ConfigurationError, UnknownCommandError
 from jobflow.log_config import hide_message_data
 from jobflow.middleware.due_time import current_due_at
+from jobflow.middleware.targets import declare_routed_queues
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.runner import JobRunner
+from jobflow.schedulers import prepare_queue
 from jobflow.settings import Settings
+
+
+def _queue(default: str) -> str:
+    """The queue the running message came from (a routed type's, or the default one)."""
+    message = CurrentMessage.get_current_message()
+    return q_name(message.queue_name) if message is not None else default
 
 
 def _attempt() -> int:
@@ -36,17 +45,34 @@ def _run_on_worker_loop(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 class BrokerCommandBus:
-    """Sends each command to the command-bus actor's queue, confirmed by the broker."""
+    """Sends each command to its queue for the command-bus actor, confirmed by the broker.
 
-    def __init__(self, broker: dramatiq.Broker, queue_name: str) -> None:
+    The queue is the one the publishing job named (``PublishCommandJob`` carries its command
+    type's); without one, the command type's in ``registry`` if it is registered here, else the
+    default ``<prefix>.commands``.
+    """
+
+    def __init__(self, broker: dramatiq.Broker, prefix: str, registry: JobRegistry) -> None:
         self.broker = broker
-        self.queue_name = queue_name
-        broker.declare_queue(queue_name)
+        self.prefix = prefix
+        self.registry = registry
+        self.queue_name = commands_queue(prefix)
+        broker.declare_queue(self.queue_name)
 
-    def publish(self, envelope: CommandEnvelope) -> None:
+    def _queue_of(self, envelope: CommandEnvelope, queue: str | None) -> str:
+        if queue is None:
+            try:
+                queue = self.registry.get_command(envelope.name, envelope.version).__jobflow_queue__
+            except UnknownCommandError:
+                return self.queue_name
+        target = routed_queue(self.prefix, queue)
+        prepare_queue(self.broker, target)
+        return target
+
+    def publish(self, envelope: CommandEnvelope, queue: str | None = None) -> None:
         self.broker.enqueue(
             dramatiq.Message(
-                queue_name=self.queue_name,
+                queue_name=self._queue_of(envelope, queue),
                 actor_name=DISPATCH_COMMAND_ACTOR,
                 args=(envelope.to_wire(),),
                 kwargs={},
@@ -96,20 +122,24 @@ def declare_actors(
 
     hide_message_data()  # Dramatiq's records of a message show its arguments: the job's data
     jobs_q, commands_q = jobs_queue(prefix), commands_queue(prefix)
-    runner = JobRunner(registry or default_registry, BrokerCommandBus(broker, commands_q))
+    registry = registry or default_registry
+    runner = JobRunner(registry, BrokerCommandBus(broker, prefix, registry))
 
     def run_job(envelope: dict[str, Any]) -> None:
         runner.run_job(
             JobEnvelope.parse(envelope),
             attempt=_attempt(),
-            queue=jobs_q,
+            queue=_queue(jobs_q),
             run_coroutine=_run_on_worker_loop,
             due_at=current_due_at(),
         )
 
     def dispatch_command(envelope: dict[str, Any]) -> None:
         runner.dispatch_command(
-            CommandEnvelope.parse(envelope), attempt=_attempt(), queue=commands_q, run_coroutine=_run_on_worker_loop
+            CommandEnvelope.parse(envelope),
+            attempt=_attempt(),
+            queue=_queue(commands_q),
+            run_coroutine=_run_on_worker_loop,
         )
 
     actors = Actors(
@@ -155,6 +185,7 @@ class InProcessWorker:
 
     def start(self) -> None:
         """Declare the topology (a configuration that cannot work raises here), then consume."""
+        declare_routed_queues(self.broker)
         declare = getattr(self.broker, "declare_topology", None)
         if declare is not None:
             declare()

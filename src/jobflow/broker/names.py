@@ -10,14 +10,24 @@ DISPATCH_COMMAND_ACTOR = "jobflow.dispatch_command"
 DEFAULT_QUEUE_PREFIX = "jobflow"
 
 
+#: The queues of types that name none (``queue=`` on a job or command class).
+DEFAULT_JOBS_QUEUE = "jobs"
+DEFAULT_COMMANDS_QUEUE = "commands"
+
+
+def routed_queue(prefix: str, queue: str) -> str:
+    """The RabbitMQ queue of the short queue name a type or a schedule call gives."""
+    return f"{prefix}.{queue}"
+
+
 def jobs_queue(prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
-    """The queue the run-job actor consumes."""
-    return f"{prefix}.jobs"
+    """The queue of jobs whose type names none."""
+    return routed_queue(prefix, DEFAULT_JOBS_QUEUE)
 
 
 def commands_queue(prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
-    """The queue the command-bus actor consumes."""
-    return f"{prefix}.commands"
+    """The queue of commands whose type names none."""
+    return routed_queue(prefix, DEFAULT_COMMANDS_QUEUE)
 
 
 #: Levels of the delay topology: level k holds messages for 2**k ms, so 38 levels reach 8.7 years.

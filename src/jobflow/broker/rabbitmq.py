@@ -115,6 +115,8 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             self.parameters, settings.queue_prefix, settings.delay_queue_type, publisher_republish(self.publisher)
         )
         self._consumed: set[str] = set()
+        #: Queues published to (routed ones included) that this process does not consume.
+        self._published_to: set[str] = set()
 
     def __repr__(self) -> str:
         return f"JobflowRabbitmqBroker({self.publisher.shown!r})"
@@ -126,8 +128,19 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
     # --- queues -----------------------------------------------------------------------------
 
     def declare_queue(self, queue_name: str, *, ensure: bool = False) -> None:
+        """Declare a queue to consume: a running worker starts consuming it (Dramatiq's rule)."""
+        self.require_queue(queue_name)
+        super().declare_queue(queue_name, ensure=ensure)
+
+    def require_queue(self, queue_name: str) -> str:
+        """Make ``queue_name`` exist before anything is published to it, without consuming it.
+
+        A job in a worker that schedules to a routed queue, or forwards a command to one, must not
+        make that worker a consumer of the queue (whose types it may not know): only
+        :meth:`declare_queue` does. Returns the canonical name.
+        """
         canonical = q_name(queue_name)
-        if canonical not in self.queues:
+        if canonical not in self.queues and canonical not in self._published_to:
             self.publisher.require(
                 Requirement(
                     queue_key(canonical),
@@ -136,7 +149,8 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
                     explain=partial(self._explain_queue, canonical),
                 )
             )
-        super().declare_queue(queue_name, ensure=ensure)
+            self._published_to.add(canonical)
+        return canonical
 
     def _queue_steps(self, queue: str, version: ServerVersion) -> list[Step]:
         queue_type = self.settings.queue_type
@@ -214,13 +228,14 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
 
     def delete_topology(self) -> None:
         """Delete every queue declared here (with its ``.DQ`` and ``.XQ``) and the ladder, messages and all."""
+        queues = sorted(self.queues | self._published_to)
         steps = [
             Step("queue_delete", {"queue": name}, ok_codes=(404,))
-            for queue in sorted(self.queues)
+            for queue in queues
             for name in (queue, dq_name(queue), dead_letter_queue(queue))
         ]
         self.publisher.wait(self.publisher.declare([*steps, *self.topology.delete_steps()]))
-        self.publisher.forget(LADDER, *(queue_key(q) for q in self.queues))
+        self.publisher.forget(LADDER, *(queue_key(q) for q in queues))
         _dramatiq.pending_queues(self).update(self.queues)
 
     # --- publishing -------------------------------------------------------------------------
@@ -241,7 +256,7 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             if delay > MAX_DELAY_MS:
                 raise SchedulingError(f"a delay can be at most {MAX_DELAY_MS} ms (about 8.7 years), got {delay} ms")
             delay = delay if delay > 0 else None
-        self.declare_queue(canonical)
+        self.require_queue(canonical)
         self.emit_before("enqueue", message, delay)
         due = message.options.get(DUE_OPTION)
         later = isinstance(due, int) and due > current_millis()
@@ -304,7 +319,7 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
     ) -> Any:
         """The same, without waiting: a future done once RabbitMQ confirmed it (or failed)."""
         canonical = q_name(source_queue)
-        self.declare_queue(canonical)
+        self.require_queue(canonical)
         kept = {k: v for k, v in (headers or {}).items() if k != "x-death"}  # 3.x drops a cycle it sees
         xq = dead_letter_queue(canonical)
         return self.publisher.publish(
@@ -330,7 +345,10 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         # and whatever expired in the ladder meanwhile would run late by the outage: the ladder's
         # watchdog (elected in one worker) sweeps it if it runs here, and finds it behind if not.
         if queue_name in self._consumed:
-            self.watchdog.nudge(f"the consumer of {queue_name} reconnected")
+            if self.settings.ladder_watchdog:
+                self.watchdog.nudge(f"the consumer of {queue_name} reconnected")
+            else:
+                self.retimer.trigger()
         self._consumed.add(queue_name)
         return consumer
 
@@ -375,7 +393,8 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
 
     def start_watchdog(self) -> None:
         """Watch the ladder from this process (a worker's boot does it; one worker at a time is elected)."""
-        self.watchdog.start()
+        if self.settings.ladder_watchdog:
+            self.watchdog.start()
 
     def stop_watchdog(self) -> None:
         self.watchdog.stop()

@@ -14,25 +14,42 @@ from jobflow.cli import amqp
 from jobflow.cli.common import broker_options, import_modules, module_option, reports_errors, target
 from jobflow.cli.errors import UsageProblem
 from jobflow.cli.output import emit_json, status_table, stdout
+from jobflow.cli.selection import resolve_queue, work_queues
 from jobflow.cli.status import collect_status
 from jobflow.cli.timespec import parse_duration, parse_time
 from jobflow.envelope import resolve_due
+from jobflow.errors import ConfigurationError
 from jobflow.job import Job
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.schedulers import BrokerJobScheduler
+from jobflow.versioned import check_queue_name
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 
 
 @click.command()
 @broker_options
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    metavar="QUEUE",
+    help="A routed queue to show too (repeatable); those of the types -m imports are shown anyway.",
+)
 @json_option
 @reports_errors
-def status(*, broker_url: str | None, prefix: str | None, modules: tuple[str, ...], as_json: bool) -> None:
-    """Ready, scheduled and dead-lettered messages and consumers per queue, over AMQP alone."""
+def status(
+    *, broker_url: str | None, prefix: str | None, modules: tuple[str, ...], queues: tuple[str, ...], as_json: bool
+) -> None:
+    """Ready, scheduled and dead-lettered messages and consumers per queue, over AMQP alone.
+
+    AMQP cannot list queues: besides jobs and commands, the routed queues shown are those of the
+    types the -m modules register and those given with --queue.
+    """
     where = target(broker_url, prefix, modules)
+    shown = work_queues(where.prefix, [resolve_queue(where.prefix, q) for q in queues])
     with where.connection("status") as conn:
-        result = collect_status(conn, where.prefix)
+        result = collect_status(conn, where.prefix, shown)
     if as_json:
         emit_json({"broker": where.shown_url, "prefix": where.prefix, **result.as_json()})
     else:
@@ -47,6 +64,7 @@ def describe_registry(registry: JobRegistry) -> dict[str, Any]:
             "name": name,
             "version": version,
             "class": f"{cls.__module__}.{cls.__qualname__}",
+            "queue": cls.__jobflow_queue__,
             "fields": list(cls.model_fields),
             "schema": cls.model_json_schema(),
         }
@@ -82,7 +100,10 @@ def jobs(*, modules: tuple[str, ...], as_json: bool) -> None:
         console.print(f"[bold]{kind}[/]")
         for item in catalog[kind]:
             handler = f"  handler: {item['handler'] or 'NONE'}" if kind == "commands" else ""
-            console.print(f"  {item['name']} v{item['version']}  ({item['class']})  fields: {item['fields']}{handler}")
+            console.print(
+                f"  {item['name']} v{item['version']}  queue {item['queue']}  ({item['class']})"
+                f"  fields: {item['fields']}{handler}"
+            )
         if not catalog[kind]:
             console.print("  (none: import the modules that define them with -m)")
 
@@ -117,6 +138,7 @@ def _job(cls: type[Job], data: str) -> Job:
 @click.option("--data", required=True, metavar="JSON", help="The job's data, a JSON object.")
 @click.option("--delay", metavar="DURATION", help="Run after this long: 90s, 15m, 2h, 7d, 1d12h or ISO-8601 PT15M.")
 @click.option("--at", "at", metavar="TIME", help="Run at this ISO-8601 time with a timezone.")
+@click.option("--queue", "queue", metavar="QUEUE", help="Route it to <prefix>.QUEUE [default: its type's queue].")
 @broker_options
 @json_option
 @reports_errors
@@ -127,6 +149,7 @@ def schedule(
     data: str,
     delay: str | None,
     at: str | None,
+    queue: str | None,
     broker_url: str | None,
     prefix: str | None,
     modules: tuple[str, ...],
@@ -137,6 +160,12 @@ def schedule(
     if delay is not None and at is not None:
         raise UsageProblem("give --delay or --at, not both")
     job = _job(_job_class(default_registry, name, version), data)
+    if queue is not None:
+        try:
+            check_queue_name(queue.removeprefix(f"{where.prefix}."))
+        except ConfigurationError as exc:
+            raise UsageProblem(f"--queue: {exc}") from None
+        queue = queue.removeprefix(f"{where.prefix}.")
     wait = parse_duration(delay) if delay is not None else None
     run_at = parse_time(at) if at is not None else None
     due = resolve_due(datetime.now(UTC), wait, run_at)  # refuses too long a delay before connecting
@@ -145,7 +174,8 @@ def schedule(
     with where.broker("schedule") as broker:
         scheduler = BrokerJobScheduler(broker=broker, settings=where.settings)
         try:
-            job_id = scheduler.schedule(job, delay=wait, run_at=run_at)
+            job_id = scheduler.schedule(job, delay=wait, run_at=run_at, queue=queue)
+            routed = scheduler.queue_for(type(job), queue)
         except BrokerConnectionError as exc:
             raise amqp.broker_error(where.url, exc, doing="publish to") from None
     if as_json:
@@ -155,14 +185,14 @@ def schedule(
                 "name": job.job_name,
                 "version": job.job_version,
                 "due_at": due.isoformat(),
-                "queue": scheduler.queue,
+                "queue": routed,
                 "broker": amqp.describe(where.url),
             }
         )
         return
     click.echo(job_id)
     click.echo(
-        f"scheduled {job.job_name} v{job.job_version} on {scheduler.queue} at {amqp.describe(where.url)},"
+        f"scheduled {job.job_name} v{job.job_version} on {routed} at {amqp.describe(where.url)},"
         f" due {due.isoformat(timespec='seconds')}",
         err=True,
     )

@@ -11,27 +11,31 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from jobflow.broker.names import commands_queue, jobs_queue
+from jobflow.broker.names import commands_queue, jobs_queue, routed_queue
 from jobflow.cli.errors import UsageProblem
 from jobflow.cli.letters import DeadLetterView
-from jobflow.dead_letter import dead_letter_queue
+from jobflow.errors import ConfigurationError
+from jobflow.registry import default_registry
+from jobflow.versioned import check_queue_name
 
 
-def work_queues(prefix: str) -> list[str]:
-    """The queues whose dead letters the commands read."""
-    return [jobs_queue(prefix), commands_queue(prefix)]
+def work_queues(prefix: str, extra: Iterable[str] = ()) -> list[str]:
+    """The queues the commands read: jobs, commands, the routed queues of every type registered (the
+    -m modules'), and ``extra``. AMQP cannot list a broker's queues, so these are what is known."""
+    types: list[Any] = [*default_registry.jobs(), *default_registry.commands()]
+    routed = sorted({routed_queue(prefix, cls.__jobflow_queue__) for cls in types})
+    return list(dict.fromkeys([jobs_queue(prefix), commands_queue(prefix), *routed, *extra]))
 
 
 def resolve_queue(prefix: str, given: str) -> str:
-    """``jobs``, ``commands``, a work queue's full name or its ``.XQ``: the work queue meant."""
-    queues = work_queues(prefix)
-    for queue in queues:
-        if given in (queue, dead_letter_queue(queue), queue.removeprefix(f"{prefix}.")):
-            return queue
-    raise UsageProblem(
-        f"unknown queue {given!r} for prefix {prefix!r}; use one of: jobs, commands, {', '.join(queues)}"
-    )
+    """A short queue name (``jobs``, ``emails``), a work queue's full name or its ``.XQ``: the work queue meant."""
+    name = given.removesuffix(".XQ").removeprefix(f"{prefix}.")
+    try:
+        return routed_queue(prefix, check_queue_name(name))
+    except ConfigurationError as exc:
+        raise UsageProblem(f"--queue {given!r}: {exc}") from None
 
 
 @dataclass(frozen=True)

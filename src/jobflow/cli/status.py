@@ -68,12 +68,12 @@ class Status:
         }
 
 
-def collect_status(conn: Connection, prefix: str) -> Status:
-    """One passive declare per queue; a queue that does not exist counts zero."""
+def collect_status(conn: Connection, prefix: str, shown: list[str] | None = None) -> Status:
+    """One passive declare per queue (``shown``, else :func:`work_queues`); one that does not exist counts zero."""
     counter = QueueCounter(conn)
     try:
         queues = []
-        for queue in work_queues(prefix):
+        for queue in shown if shown is not None else work_queues(prefix):
             work = counter.count(queue)
             queues.append(
                 QueueStatus(

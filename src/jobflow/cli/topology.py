@@ -12,11 +12,19 @@ from typing import ParamSpec, TypeVar
 import click
 
 from jobflow.broker import JobflowRabbitmqBroker
-from jobflow.broker.names import DELAY_LEVELS, commands_queue, delivery_exchange, jobs_queue
+from jobflow.broker.names import DELAY_LEVELS, delivery_exchange
 from jobflow.broker.retimer import redeliver_unroutable, retime_ladder
 from jobflow.cli import amqp
-from jobflow.cli.common import rabbitmq_target, reports_errors, settings_from, target_options
+from jobflow.cli.common import (
+    import_modules,
+    module_option,
+    rabbitmq_target,
+    reports_errors,
+    settings_from,
+    target_options,
+)
 from jobflow.cli.errors import BrokerError, UsageProblem
+from jobflow.cli.selection import resolve_queue, work_queues
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,14 +49,24 @@ def topology() -> None:
 @click.option(
     "--delay-queue-type", type=_QUEUE_TYPES, help="Delay ladder queues [default: JOBFLOW_DELAY_QUEUE_TYPE or quorum]."
 )
+@click.option("--queue", "extra", multiple=True, metavar="QUEUE", help="A routed queue to declare too (repeatable).")
+@module_option
 @reports_errors
 def declare(
-    *, broker_url: str | None, prefix: str | None, queue_type: str | None, delay_queue_type: str | None
+    *,
+    broker_url: str | None,
+    prefix: str | None,
+    queue_type: str | None,
+    delay_queue_type: str | None,
+    extra: tuple[str, ...],
+    modules: tuple[str, ...],
 ) -> None:
-    """Declare the work queues, their dead-letter queues and the delay ladder (idempotent)."""
+    """Declare the work queues (jobs, commands, those of the types -m imports, and --queue), their
+    dead-letter queues and the delay ladder (idempotent)."""
+    import_modules(modules)
     settings = settings_from(broker_url, prefix, queue_type=queue_type, delay_queue_type=delay_queue_type)
     where = rabbitmq_target(settings, broker_url)
-    queues = [jobs_queue(where.prefix), commands_queue(where.prefix)]
+    queues = work_queues(where.prefix, [resolve_queue(where.prefix, q) for q in extra])
     with where.broker("topology declare") as broker:
         if not isinstance(broker, JobflowRabbitmqBroker):  # rabbitmq_target refused anything else
             raise UsageProblem("topology declare needs an amqp:// or amqps:// broker URL")

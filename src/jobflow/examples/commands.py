@@ -5,8 +5,13 @@ from __future__ import annotations
 import jobflow
 
 
-class SendEmailCommand(jobflow.Command, name="SendEmail", version=1):
-    """EventFlow's documentation example of a command published by a job."""
+class SendEmailCommand(jobflow.Command, name="SendEmail", version=1, queue="emails"):
+    """EventFlow's documentation example of a command published by a job.
+
+    Mail has a queue of its own (``<prefix>.emails``), so a backlog of slow jobs never holds up a
+    password reset, and its workers can be sized apart: ``dramatiq jobflow.actors actors --queues
+    jobflow.emails``.
+    """
 
     to: str
     subject: str

@@ -19,7 +19,7 @@ from dramatiq.middleware import Middleware
 from jobflow.broker.connection import redact_url
 from jobflow.errors import BrokerUnavailableError, ConfigurationError
 from jobflow.log_config import get_logger
-from jobflow.middleware.targets import registry_of
+from jobflow.middleware.targets import declare_routed_queues, registry_of
 from jobflow.settings import Settings
 
 logger: structlog.typing.FilteringBoundLogger = get_logger()
@@ -52,6 +52,11 @@ class WorkerBoot(Middleware):
             exit_fatally(exc)
         except BrokerUnavailableError as exc:
             logger.warning("worker.broker_unavailable", error=str(exc), outcome="consumers keep trying to connect")
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # Dramatiq imports the job modules after process_boot: only now are their types, and the
+        # queues they name, known; the worker consumes what is declared when it starts.
+        declare_routed_queues(broker)
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         logger.info("worker.started", **describe_worker(broker, worker))

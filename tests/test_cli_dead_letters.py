@@ -120,11 +120,13 @@ class TestList:
         limited = run_json("dead-letters", "list", "--limit", "1", settings=amqp_settings)
         assert (limited["total"], len(limited["dead_letters"])) == (3, 1)
 
-    def test_unknown_queue_is_a_usage_error(self, amqp_settings: Settings) -> None:
-        """--queue names one of the prefix's queues, or it is a usage error listing them."""
-        result = run_cli("dead-letters", "list", "--queue", "nope", settings=amqp_settings)
+    def test_queue_takes_any_routed_queue_but_no_bad_name(self, amqp_settings: Settings) -> None:
+        """--queue names a queue of the prefix (routed ones too); a name no queue can have is a usage error."""
+        result = run_cli("dead-letters", "list", "--queue", "not a queue", settings=amqp_settings)
         assert result.exit_code == 2
-        assert "use one of: jobs, commands" in result.stderr
+        assert "is not a queue name" in result.stderr
+        doc = run_json("dead-letters", "list", "--queue", "nope", settings=amqp_settings)
+        assert (doc["total"], doc["dead_letters"]) == (0, [])
 
 
 class TestShow:

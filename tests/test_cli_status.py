@@ -36,7 +36,8 @@ class TestStatus:
             for _ in range(3):
                 maker.add(TouchFile(path="/d", text="4"))
         doc = run_json("status", settings=amqp_settings)
-        jobs, commands = doc["queues"]
+        rows = {row["queue"].removeprefix(f"{amqp_settings.queue_prefix}."): row for row in doc["queues"]}
+        jobs, commands = rows["jobs"], rows["commands"]  # and the routed queues of the types imported here
         assert (jobs["queue"], jobs["exists"], jobs["ready"], jobs["dead_lettered"]) == (
             f"{amqp_settings.queue_prefix}.jobs",
             True,
@@ -54,7 +55,9 @@ class TestStatus:
     def test_missing_queues_count_zero(self, amqp_settings: Settings) -> None:
         """Queues never declared are shown as such, with zero counts, and the table says so."""
         doc = run_json("status", settings=amqp_settings)
-        assert [q["exists"] for q in doc["queues"]] == [False, False]
+        names = [q["queue"].removeprefix(f"{amqp_settings.queue_prefix}.") for q in doc["queues"]]
+        assert names[:2] == ["jobs", "commands"]
+        assert [q["exists"] for q in doc["queues"]] == [False] * len(names)
         assert doc["totals"] == {"ready": 0, "consumers": 0, "scheduled": 0, "dead_lettered": 0}
         result = run_cli("status", settings=amqp_settings)
         assert result.exit_code == 0, result.output

@@ -111,7 +111,21 @@ class _LiveCollector(MultiProcessCollector):
             match = _LIVE_GAUGE_FILE.match(file.name)
             if match is not None and not _alive(int(match.group(1))):
                 mark_process_dead(int(match.group(1)), str(self._dir))  # type: ignore[no-untyped-call]
-        return super().collect()  # type: ignore[no-untyped-call,no-any-return]
+        # A process that is creating its file has it empty for a moment (prometheus_client grows it
+        # after opening): such a file holds no values yet, and reading it fails the whole scrape.
+        files = [str(f) for f in self._dir.glob("*.db") if _size(f) >= _MMAP_HEADER_BYTES]
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
+#: An mmap file's used-bytes header: shorter, it is still being created.
+_MMAP_HEADER_BYTES = 8
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # marked dead and removed meanwhile
+        return 0
 
 
 def _bind(host: str, port: int, registry: prometheus_client.CollectorRegistry, directory: Path) -> WSGIServer:

@@ -39,7 +39,14 @@ from .conftest import REQUIRE_RABBITMQ
 from .faults import consumer_count, message_count
 from .rabbit_nodes import CLUSTER_ADVANCED, RabbitCluster, RabbitNode, missing_tools
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.rabbitmq,
+    pytest.mark.cluster,
+    pytest.mark.timeout(300),
+    # Sockets to a frozen or killed node are left for the collector (see _sockets_of_killed_nodes):
+    # a known leak under these faults, counted there, not a failure of what these tests check.
+    pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_TIMEOUT = 3.0

@@ -25,7 +25,15 @@ import pytest
 
 from jobflow import JobRegistry, Settings
 from jobflow.broker.ladder import DelayTopology
-from jobflow.broker.names import commands_queue, jobs_queue, routed_queue
+from jobflow.broker.names import (
+    cancel_stream,
+    commands_queue,
+    jobs_queue,
+    routed_queue,
+    schedules_queue,
+    schedules_state_queue,
+    schedules_status_queue,
+)
 
 AMQP_URL = os.environ.get("JOBFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REQUIRE_RABBITMQ = os.environ.get("CI") == "true" or os.environ.get("JOBFLOW_REQUIRE_RABBITMQ") == "1"
@@ -132,6 +140,8 @@ def delete_declared(url: str, settings: Settings) -> None:
         for queue in (jobs_queue(settings.queue_prefix), commands_queue(settings.queue_prefix), *routed):
             for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
                 channel.queue_delete(name)
+        for named in (cancel_stream, schedules_queue, schedules_state_queue, schedules_status_queue):
+            channel.queue_delete(named(settings.queue_prefix))
         DelayTopology(settings.queue_prefix).delete(channel)
     finally:
         connection.close()

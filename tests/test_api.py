@@ -11,6 +11,7 @@ def test_all_is_pinned() -> None:
         "MAX_DELAY",
         "BrokerJobScheduler",
         "BrokerUnavailableError",
+        "CancelResult",
         "Command",
         "CommandBus",
         "CommandContext",
@@ -28,6 +29,7 @@ def test_all_is_pinned() -> None:
         "JobflowTypeError",
         "PermanentError",
         "PublishCommandJob",
+        "RecurringSchedule",
         "RegistrationError",
         "RetryPolicy",
         "SchedulingError",
@@ -41,6 +43,7 @@ def test_all_is_pinned() -> None:
         "declare_actors",
         "default_registry",
         "memory_broker",
+        "recurring",
         "redact_url",
     ]
     for name in jobflow.__all__:

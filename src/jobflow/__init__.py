@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jobflow.broker import create_broker, memory_broker, redact_url
+from jobflow.cancel import CancelResult
 from jobflow.command import Command, command_handler
 from jobflow.context import CommandBus, CommandContext, JobContext
 from jobflow.envelope import MAX_DELAY, CommandEnvelope, JobEnvelope
@@ -22,6 +23,7 @@ from jobflow.errors import (
 from jobflow.job import Job
 from jobflow.log_config import configure_logging
 from jobflow.publish_command import PublishCommandJob
+from jobflow.recurring import RecurringSchedule, recurring
 from jobflow.registry import JobRegistry, default_registry
 from jobflow.retry import RetryPolicy
 from jobflow.schedulers import BrokerJobScheduler, InstantJobScheduler, JobScheduler
@@ -34,6 +36,7 @@ __all__ = [
     "MAX_DELAY",
     "BrokerJobScheduler",
     "BrokerUnavailableError",
+    "CancelResult",
     "Command",
     "CommandBus",
     "CommandContext",
@@ -51,6 +54,7 @@ __all__ = [
     "JobflowTypeError",
     "PermanentError",
     "PublishCommandJob",
+    "RecurringSchedule",
     "RegistrationError",
     "RetryPolicy",
     "SchedulingError",
@@ -64,5 +68,6 @@ __all__ = [
     "declare_actors",
     "default_registry",
     "memory_broker",
+    "recurring",
     "redact_url",
 ]

@@ -6,7 +6,6 @@ caller, before anything talks to the broker), and how large its message may be.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from jobflow.errors import InvalidPayloadError, SchedulingError
 from jobflow.job import Job
+from jobflow.job_ids import new_job_id
 
 if TYPE_CHECKING:
     from jobflow.registry import JobRegistry
@@ -114,9 +114,16 @@ def requested_in_past(now: datetime, delay: timedelta | None, run_at: datetime |
 
 
 def make_envelope(
-    job: Job, registry: JobRegistry, *, delay: timedelta | None = None, run_at: datetime | None = None
+    job: Job,
+    registry: JobRegistry,
+    *,
+    delay: timedelta | None = None,
+    run_at: datetime | None = None,
+    job_id: str | None = None,
 ) -> JobEnvelope:
-    """Check the job belongs to ``registry`` and wrap it with a fresh id and its due time."""
+    """Check the job belongs to ``registry`` and wrap it with its due time and an id (a fresh one
+    that carries the due time, unless a recurring schedule gives its occurrence's: then a past
+    ``run_at`` stays the due time, so a missed occurrence run late is seen, and counted, as late)."""
     if not isinstance(job, Job):
         raise SchedulingError(f"a scheduler takes a jobflow.Job instance, not {type(job).__name__}")
     cls = type(job)
@@ -129,13 +136,14 @@ def make_envelope(
             version=cls.job_version,
         )
     now = datetime.now(UTC)
+    due = run_at if job_id is not None and run_at is not None and delay is None else resolve_due(now, delay, run_at)
     return JobEnvelope(
-        job_id=str(uuid.uuid4()),
+        job_id=job_id or new_job_id(due),
         name=cls.job_name,
         version=cls.job_version,
         data=job.to_data(),
         scheduled_at=now,
-        due_at=resolve_due(now, delay, run_at),
+        due_at=due,
     )
 
 

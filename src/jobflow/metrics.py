@@ -72,6 +72,7 @@ class Instruments:
     retried: Counter
     dead_lettered: Counter
     poison_refused: Counter
+    cancelled: Counter
     duration: Histogram
     lateness: Histogram
     in_progress: Gauge
@@ -96,6 +97,7 @@ def _make() -> Instruments:
             "Deliveries refused before reaching a job (not a message, undecodable, too large), dead-lettered.",
             ("queue", "reason"),
         ),
+        cancelled=counter("jobs_cancelled", "Messages skipped, and acknowledged, because their job was cancelled."),
         duration=Histogram(
             "jobflow_job_duration_seconds", "How long each attempt ran.", LABELS, buckets=DURATION_BUCKETS
         ),

@@ -16,6 +16,7 @@ from jobflow.retry import DEFAULT_RETRY_POLICY, DEFAULT_TIME_LIMIT, RetryPolicy,
 if TYPE_CHECKING:
     from jobflow.command import Command, CommandHandler
     from jobflow.job import Job
+    from jobflow.recurring import RecurringSchedule
 
 T = TypeVar("T", bound=type)
 
@@ -110,6 +111,7 @@ class JobRegistry:
         self._handlers: dict[tuple[str, int], CommandHandler[Any]] = {}
         #: The application's services, handed to every job and handler as ``ctx.services``.
         self.services: dict[str, Any] = {}
+        self._schedules: dict[str, RecurringSchedule] = {}
         for cls in BUILTIN_JOBS:
             self.register_job(cls)
 
@@ -133,6 +135,20 @@ class JobRegistry:
         retry = getattr(cls, "__jobflow_retry__", None) or self.retry_policy
         time_limit = getattr(cls, "__jobflow_time_limit__", None) or self.time_limit
         return TypeOptions(retry, time_limit)
+
+    # recurring schedules
+    def add_schedule(self, schedule: RecurringSchedule) -> None:
+        """Add a schedule (``jobflow.recurring`` does); the same definition again is harmless."""
+        existing = self._schedules.get(schedule.name)
+        if existing is not None and _schedule_key(existing) != _schedule_key(schedule):
+            raise RegistrationError(
+                f"schedule {schedule.name!r} is already declared ({existing.describe()} of"
+                f" {type(existing.job).job_name}); give the other one another name"
+            )
+        self._schedules[schedule.name] = schedule
+
+    def schedules(self) -> list[RecurringSchedule]:
+        return [self._schedules[name] for name in sorted(self._schedules)]
 
     # commands
     def register_command(self, cls: type[Command]) -> None:
@@ -170,6 +186,20 @@ class JobRegistry:
             raise UnknownCommandError(
                 f"command ({name!r}, {version}) has no handler registered", name=name, version=version
             ) from None
+
+
+def _schedule_key(schedule: RecurringSchedule) -> tuple[Any, ...]:
+    job = schedule.job
+    return (
+        type(job).job_name,
+        type(job).job_version,
+        job.to_data(),
+        schedule.cron,
+        schedule.every,
+        schedule.timezone,
+        schedule.missed,
+        schedule.queue,
+    )
 
 
 def _describe_fn(fn: Callable[..., Any]) -> str:

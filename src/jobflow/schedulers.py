@@ -14,6 +14,7 @@ import structlog
 from jobflow.broker import create_broker
 from jobflow.broker.names import RUN_JOB_ACTOR, jobs_queue, routed_queue
 from jobflow.broker.rabbitmq import JobflowRabbitmqBroker
+from jobflow.cancel import CancelResult, check_job_id
 from jobflow.envelope import (
     MAX_DELAY,
     CommandEnvelope,
@@ -22,7 +23,7 @@ from jobflow.envelope import (
     make_envelope,
     requested_in_past,
 )
-from jobflow.errors import BrokerUnavailableError
+from jobflow.errors import BrokerUnavailableError, SchedulingError
 from jobflow.job import Job
 from jobflow.log_config import get_logger
 from jobflow.middleware.due_time import DUE_OPTION
@@ -67,6 +68,12 @@ class JobScheduler(Protocol):
     async def schedule_async(
         self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
     ) -> str: ...
+
+    def cancel(self, job_id: str) -> CancelResult: ...
+
+    def cancel_many(self, job_ids: Iterable[str]) -> list[CancelResult]: ...
+
+    async def cancel_async(self, job_id: str) -> CancelResult: ...
 
 
 class _CollectingCommandBus:
@@ -152,6 +159,18 @@ class InstantJobScheduler:
         queue: str | None = None,
     ) -> list[str]:
         return [await self.schedule_async(job, delay=delay, run_at=run_at, queue=queue) for job in jobs]
+
+    def cancel(self, job_id: str) -> CancelResult:
+        """A no-op that says so: every job of this scheduler ran when it was scheduled."""
+        job_id = check_job_id(job_id)
+        logger.info("job.cancel_ignored", job_id=job_id, reason="InstantJobScheduler runs every job at once")
+        return CancelResult(job_id, recorded=False, pending=False)
+
+    def cancel_many(self, job_ids: Iterable[str]) -> list[CancelResult]:
+        return [self.cancel(job_id) for job_id in job_ids]
+
+    async def cancel_async(self, job_id: str) -> CancelResult:
+        return self.cancel(job_id)
 
     async def schedule_async(
         self, job: Job, *, delay: timedelta | None = None, run_at: datetime | None = None, queue: str | None = None
@@ -274,6 +293,30 @@ class BrokerJobScheduler:
         """:meth:`schedule_many` for a coroutine (the confirms are awaited on a worker thread)."""
         return await asyncio.to_thread(self.schedule_many, list(jobs), delay=delay, run_at=run_at, queue=queue)
 
+    def cancel(self, job_id: str) -> CancelResult:
+        """Cancel a scheduled job: once this returns the cancel is durable, and no worker starts the
+        job (a worker reads a new cancel within milliseconds; one started later reads it first).
+
+        Cancelling a job that already ran, or an id never scheduled, is not an error: the broker
+        cannot tell them apart from a pending job without walking every queue, so ``pending`` is None.
+        """
+        return self.cancel_many([job_id])[0]
+
+    def cancel_many(self, job_ids: Iterable[str]) -> list[CancelResult]:
+        """Cancel several jobs, their confirms pipelined; raises :class:`BrokerUnavailableError` with
+        the ids whose cancel was not confirmed."""
+        cancel_many = getattr(self.broker, "cancel_many", None)
+        if cancel_many is None:
+            raise SchedulingError(f"{type(self.broker).__name__} cannot cancel jobs: use jobflow's broker")
+        results: list[CancelResult] = cancel_many(list(job_ids))
+        for result in results:
+            logger.info("job.cancel_recorded", job_id=result.job_id)
+        return results
+
+    async def cancel_async(self, job_id: str) -> CancelResult:
+        """:meth:`cancel` for a coroutine (the confirm is awaited on a worker thread)."""
+        return await asyncio.to_thread(self.cancel, job_id)
+
     def _enqueue_each(self, messages: list[dramatiq.Message[None]]) -> None:
         failed: list[str] = []
         first: BrokerUnavailableError | None = None
@@ -299,12 +342,24 @@ class BrokerJobScheduler:
             self._routed.add(target)
         return target
 
-    def _message(
-        self, job: Job, delay: timedelta | None, run_at: datetime | None, queue: str | None = None
+    def occurrence_message(
+        self, job: Job, due_at: datetime, job_id: str, queue: str | None = None
     ) -> tuple[JobEnvelope, dramatiq.Message[None]]:
-        envelope = make_envelope(job, self.registry, delay=delay, run_at=run_at)
+        """The message of a recurring schedule's occurrence, with the id the schedule derives."""
+        return self._message(job, None, due_at, queue, job_id=job_id)
+
+    def _message(
+        self,
+        job: Job,
+        delay: timedelta | None,
+        run_at: datetime | None,
+        queue: str | None = None,
+        *,
+        job_id: str | None = None,
+    ) -> tuple[JobEnvelope, dramatiq.Message[None]]:
+        envelope = make_envelope(job, self.registry, delay=delay, run_at=run_at, job_id=job_id)
         past = requested_in_past(envelope.scheduled_at, delay, run_at)
-        if past is not None:
+        if past is not None and job_id is None:  # a missed occurrence is in the past by design
             logger.info(
                 "job.due_in_past", job_id=envelope.job_id, job_name=envelope.name, past_ms=_ms(past), runs="now"
             )

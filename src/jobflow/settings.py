@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     #: a queue a release moved its types away from, until what waits there has run.
     extra_queues: str = Field(default="", pattern=r"^[A-Za-z0-9_.,\s-]*$")
 
+    #: How far ahead the driving worker publishes each recurring schedule's occurrences (through the
+    #: delay ladder, so each starts on time): a failover shorter than this delays none.
+    schedule_ahead: float = Field(default=10.0, ge=1, le=3600, description="seconds")
+
     def extra_queue_names(self) -> list[str]:
         """``extra_queues`` as short names."""
         return [name.strip() for name in self.extra_queues.split(",") if name.strip()]

@@ -8,16 +8,22 @@ tested without RabbitMQ too. Its messages, and its delays, live in the process a
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import current_millis
 
+from jobflow.broker.local_schedules import LocalScheduleDriver
+from jobflow.cancel import CancelResult, CancelSet, check_job_id, hold_until_ms
 from jobflow.errors import BrokerUnavailableError
 from jobflow.middleware import stack
 from jobflow.settings import Settings
+
+if TYPE_CHECKING:
+    from jobflow.registry import JobRegistry
 
 Match = Callable[[dramatiq.Message[Any], int | None], bool]
 Fault = Literal["refuse", "lose_confirm"]
@@ -84,6 +90,32 @@ class MemoryBroker(StubBroker):
         super().__init__(middleware=stack())
         self.settings = settings or Settings(broker_url="memory://")
         self.faults = PublishFaults()
+        #: Cancels are kept in the process, as the broker's messages are.
+        self.cancellations = CancelSet()
+        #: Started by an in-process worker whose registry declares recurring schedules (WorkerBoot).
+        self.schedule_driver: LocalScheduleDriver | None = None
+
+    def start_schedule_driver(self, registry: JobRegistry) -> None:
+        """Drive ``registry``'s recurring schedules from this process (the first worker does)."""
+        if not registry.schedules() or self.schedule_driver is not None:
+            return
+        self.schedule_driver = LocalScheduleDriver(self, registry)
+        self.schedule_driver.start()
+
+    def stop_schedule_driver(self) -> None:
+        driver, self.schedule_driver = self.schedule_driver, None
+        if driver is not None:
+            driver.stop()
+
+    def cancel_many(self, job_ids: Sequence[str]) -> list[CancelResult]:
+        """Record a cancel of each job: the in-process workers skip it when it comes due."""
+        now = current_millis()
+        results = []
+        for job_id in (check_job_id(j) for j in job_ids):
+            until = hold_until_ms(job_id, now)
+            self.cancellations.add(job_id, until, now)
+            results.append(CancelResult(job_id, recorded=True, pending=None, until_ms=until))
+        return results
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
         fault = self.faults.take(message, delay)

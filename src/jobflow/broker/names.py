@@ -73,6 +73,30 @@ def watchdog_queue(prefix: str) -> str:
     return f"{prefix}.delay.watchdog"
 
 
+def cancel_stream(prefix: str) -> str:
+    """The stream of cancels: every worker reads it from its start, so none runs a cancelled job."""
+    return f"{prefix}.cancels"
+
+
+def schedules_queue(prefix: str) -> str:
+    """Elects the worker that drives the recurring schedules (single active consumer of its ticks)."""
+    return f"{prefix}.schedules"
+
+
+def schedules_state_queue(prefix: str) -> str:
+    """Holds the one latest state of the recurring schedules (what was published up to when).
+
+    Only a newly elected driver reads it: a reader holds the message for a moment, and a quorum
+    queue's length limit counts held messages, so a state written meanwhile would be dropped.
+    """
+    return f"{prefix}.schedules.state"
+
+
+def schedules_status_queue(prefix: str) -> str:
+    """A copy of each state for ``jobflow schedules list``, so that reading it never hides the state."""
+    return f"{prefix}.schedules.status"
+
+
 def delay_queues(prefix: str) -> list[str]:
     """Every queue in which delayed messages wait."""
     return [delay_queue(prefix, level) for level in range(DELAY_LEVELS)]

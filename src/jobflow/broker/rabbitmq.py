@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import pika
@@ -27,6 +27,7 @@ from dramatiq.errors import QueueJoinTimeout
 from dramatiq.middleware import Middleware
 
 from jobflow.broker import _dramatiq
+from jobflow.broker.cancels import CancelReader, stream_steps
 from jobflow.broker.connection import (
     CONSUMER_DEFAULTS,
     PUBLISHER_DEFAULTS,
@@ -36,7 +37,16 @@ from jobflow.broker.connection import (
 )
 from jobflow.broker.consumer import JobflowConsumer
 from jobflow.broker.ladder import MAX_DELAY_MS, DelayTopology, entry_level, routing_key
-from jobflow.broker.names import KINDS, delay_exchange, delay_queues, unroutable_queue
+from jobflow.broker.names import (
+    KINDS,
+    cancel_stream,
+    delay_exchange,
+    delay_queues,
+    schedules_queue,
+    schedules_state_queue,
+    schedules_status_queue,
+    unroutable_queue,
+)
 from jobflow.broker.publisher import Publisher, Requirement, Step
 from jobflow.broker.queues import (
     ServerVersion,
@@ -44,14 +54,20 @@ from jobflow.broker.queues import (
     work_queue_arguments,
 )
 from jobflow.broker.retimer import LadderRetimer
+from jobflow.broker.schedules import ScheduleDriver
 from jobflow.broker.watchdog import LadderWatchdog, publisher_republish
+from jobflow.cancel import CancelResult, CancelSet, check_job_id, encode_record, hold_until_ms
 from jobflow.dead_letter import HEADER, DeadLetter, dead_letter_queue
 from jobflow.envelope import envelope_identity
 from jobflow.errors import BrokerUnavailableError, ConfigurationError, JobflowError, SchedulingError
 from jobflow.middleware import DUE_OPTION, stack
 from jobflow.settings import Settings
 
+if TYPE_CHECKING:
+    from jobflow.registry import JobRegistry
+
 LADDER = "ladder"
+CANCELS = "cancels"
 
 
 def queue_key(queue: str) -> str:
@@ -114,6 +130,15 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
         self.watchdog = LadderWatchdog(
             self.parameters, settings.queue_prefix, settings.delay_queue_type, publisher_republish(self.publisher)
         )
+        self.cancel_stream = cancel_stream(settings.queue_prefix)
+        self.publisher.require(
+            Requirement(CANCELS, lambda _version: stream_steps(self.cancel_stream), explain=self._explain_stream)
+        )
+        #: What this process knows to be cancelled; a worker's :class:`CancelReader` fills it.
+        self.cancellations = CancelSet()
+        self.cancel_reader = CancelReader(self.parameters, self.cancel_stream, self.cancellations)
+        #: Started in ``dramatiq`` workers whose registry declares recurring schedules (WorkerBoot).
+        self.schedule_driver: ScheduleDriver | None = None
         self._consumed: set[str] = set()
         #: Queues published to (routed ones included) that this process does not consume.
         self._published_to: set[str] = set()
@@ -234,8 +259,18 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             for queue in queues
             for name in (queue, dq_name(queue), dead_letter_queue(queue))
         ]
-        self.publisher.wait(self.publisher.declare([*steps, *self.topology.delete_steps()]))
-        self.publisher.forget(LADDER, *(queue_key(q) for q in queues))
+        prefix = self.settings.queue_prefix
+        own = [
+            Step("queue_delete", {"queue": name}, ok_codes=(404,))
+            for name in (
+                self.cancel_stream,
+                schedules_queue(prefix),
+                schedules_state_queue(prefix),
+                schedules_status_queue(prefix),
+            )
+        ]
+        self.publisher.wait(self.publisher.declare([*steps, *own, *self.topology.delete_steps()]))
+        self.publisher.forget(LADDER, CANCELS, *(queue_key(q) for q in queues))
         _dramatiq.pending_queues(self).update(self.queues)
 
     # --- publishing -------------------------------------------------------------------------
@@ -331,6 +366,56 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
             ident={"name": record.name, "version": record.version, "job_id": record.message_id},
         )
 
+    # --- cancelling ------------------------------------------------------------------------
+
+    def cancel_many(self, job_ids: Sequence[str]) -> list[CancelResult]:
+        """Record a cancel of each job in the cancel stream, confirmed; every worker then skips them.
+
+        Raises :class:`BrokerUnavailableError` with the ids whose cancel was not confirmed.
+        """
+        now = current_millis()
+        records = [(job_id, hold_until_ms(job_id, now)) for job_id in (check_job_id(j) for j in job_ids)]
+        futures = [
+            self.publisher.publish(
+                route=lambda: ("", self.cancel_stream),
+                body=encode_record(job_id, now, until),
+                properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
+                requires=(CANCELS,),
+                what=f"the cancel of job {job_id}",
+                ident={"job_id": job_id},
+            )
+            for job_id, until in records
+        ]
+        self.publisher.wait_all(futures)
+        failed = [job_id for (job_id, _), f in zip(records, futures, strict=True) if not _confirmed(f)]
+        if failed:
+            first = next((f.exception() for f in futures if f.done() and f.exception() is not None), None)
+            raise BrokerUnavailableError(
+                f"{len(failed)} of {len(records)} cancels were not confirmed by {self.publisher.shown}:"
+                f" {first or 'no answer in time'}",
+                broker=redact_url(",".join(self.urls)),
+                job_ids=failed,
+            ) from first
+        for job_id, until in records:
+            self.cancellations.add(job_id, until, now)  # this process's own worker knows at once
+        return [CancelResult(job_id, recorded=True, pending=None, until_ms=until) for job_id, until in records]
+
+    def start_cancel_reader(self, timeout: float | None = None) -> bool:
+        """Follow the cancel stream from this process; True once it has read every earlier cancel."""
+        self.cancel_reader.start()
+        return self.cancel_reader.wait_ready(self.settings.publish_timeout if timeout is None else timeout)
+
+    def stop_cancel_reader(self) -> None:
+        self.cancel_reader.stop()
+
+    def _explain_stream(self, step: Step, code: int, text: str) -> JobflowError:
+        if code == 406:
+            return ConfigurationError(
+                f"{self.cancel_stream} exists with other arguments than jobflow's cancel stream"
+                f" ({text}): delete it, jobflow declares it anew"
+            )
+        return self._refused(step, code, text)
+
     # --- consuming --------------------------------------------------------------------------
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
@@ -399,10 +484,28 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
     def stop_watchdog(self) -> None:
         self.watchdog.stop()
 
+    def start_schedule_driver(self, registry: JobRegistry) -> None:
+        """Stand for driving ``registry``'s recurring schedules (one worker at a time is elected)."""
+        if not registry.schedules():
+            return
+        if self.schedule_driver is None:
+            self.schedule_driver = ScheduleDriver(self, registry)
+        self.schedule_driver.start()
+
+    def stop_schedule_driver(self) -> None:
+        if self.schedule_driver is not None:
+            self.schedule_driver.stop()
+
     def close(self) -> None:
         self.watchdog.stop(timeout=0.5)
+        self.stop_schedule_driver()
+        self.cancel_reader.stop(timeout=0.5)
         self.publisher.close()
         super().close()
+
+
+def _confirmed(future: Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def identity(message: dramatiq.Message[Any]) -> dict[str, Any]:

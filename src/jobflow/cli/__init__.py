@@ -9,6 +9,7 @@ import click
 # Imported under other names: the modules jobflow.cli.dead_letters and .topology keep theirs.
 from jobflow.cli import commands as _commands
 from jobflow.cli import dead_letters as _dead_letters
+from jobflow.cli import schedules as _schedules
 from jobflow.cli import topology as _topology
 from jobflow.cli import worker as _worker
 
@@ -43,6 +44,8 @@ for _command in (
     _commands.status,
     _dead_letters.dead_letters,
     _commands.schedule,
+    _commands.cancel,
+    _schedules.schedules,
     _commands.jobs,
     _topology.topology,
     _worker.worker,

@@ -196,3 +196,46 @@ def schedule(
         f" due {due.isoformat(timespec='seconds')}",
         err=True,
     )
+
+
+@click.command()
+@click.argument("job_ids", nargs=-1, required=True, metavar="ID...")
+@broker_options
+@json_option
+@reports_errors
+def cancel(
+    *, job_ids: tuple[str, ...], broker_url: str | None, prefix: str | None, modules: tuple[str, ...], as_json: bool
+) -> None:
+    """Cancel scheduled jobs by id: once this returns, no worker starts them (durable, on every worker).
+
+    A job that already ran, or an id never scheduled, is not an error: RabbitMQ cannot tell them
+    apart from a pending job without walking every queue. Prints each id and until when workers
+    remember its cancel (its due time plus a week of possible retries).
+    """
+    where = target(broker_url, prefix, modules)
+    with where.connection("cancel"):
+        pass  # fail fast, with what to check
+    with where.broker("cancel") as broker:
+        scheduler = BrokerJobScheduler(broker=broker, settings=where.settings)
+        try:
+            results = scheduler.cancel_many(job_ids)
+        except BrokerConnectionError as exc:
+            raise amqp.broker_error(where.url, exc, doing="publish to") from None
+    rows = [
+        {
+            "job_id": r.job_id,
+            "recorded": r.recorded,
+            "pending": r.pending,
+            "remembered_until": None if r.until_ms is None else _iso_ms(r.until_ms),
+        }
+        for r in results
+    ]
+    if as_json:
+        emit_json({"broker": amqp.describe(where.url), "prefix": where.prefix, "cancelled": rows})
+        return
+    for row in rows:
+        click.echo(f"cancelled {row['job_id']}  (workers skip it; remembered until {row['remembered_until']})")
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")

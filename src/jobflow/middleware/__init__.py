@@ -6,7 +6,8 @@ after :class:`Failures`: its deadline is disarmed before a retry or a dead lette
 cannot interrupt that publish. :class:`Metrics` comes after Failures and :class:`DueTime`: it sees a
 failed attempt before its retry is published, and never counts an early message as started.
 :class:`Shutdown` comes first: once a worker's stop began it refuses a message before any other
-middleware saw it.
+middleware saw it; :class:`Cancellations` next: a cancelled job is skipped before anything counts,
+re-times or runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries, TimeLimit, default_middleware
 
 from jobflow.middleware.boot import WorkerBoot
+from jobflow.middleware.cancel import Cancellations
 from jobflow.middleware.due_time import DUE_OPTION, DueTime, current_due_at
 from jobflow.middleware.failures import Failures
 from jobflow.middleware.metrics import Metrics
@@ -27,13 +29,14 @@ def stack(given: list[Middleware] | None = None) -> list[Middleware]:
     Retries becomes :class:`Failures` (its defaults carried over), TimeLimit becomes
     :class:`JobTimeLimit`; AsyncIO, CurrentMessage, :class:`DueTime`, :class:`WorkerBoot` and
     :class:`Metrics` are added when missing; AsyncIO becomes :class:`DaemonAsyncIO` and
-    :class:`Shutdown` goes first.
+    :class:`Shutdown` goes first, then :class:`Cancellations`.
     Failures is added even where Retries was left out: without it a failed message would be acked.
     """
     base = list(given) if given is not None else [m() for m in default_middleware]
     out: list[Middleware] = []
     time_limit = JobTimeLimit()
     shutdown = Shutdown()
+    cancellations = Cancellations()
     for m in base:
         if isinstance(m, Retries):
             out.append(
@@ -50,6 +53,8 @@ def stack(given: list[Middleware] | None = None) -> list[Middleware]:
             time_limit = JobTimeLimit(time_limit=m.time_limit)
         elif isinstance(m, Shutdown):
             shutdown = m
+        elif isinstance(m, Cancellations):
+            cancellations = m
         elif isinstance(m, AsyncIO) and not isinstance(m, DaemonAsyncIO):
             out.append(DaemonAsyncIO())
         else:
@@ -57,11 +62,12 @@ def stack(given: list[Middleware] | None = None) -> list[Middleware]:
     for kind in (Failures, DaemonAsyncIO, CurrentMessage, DueTime, WorkerBoot, Metrics):
         if not any(isinstance(m, kind) for m in out):
             out.append(kind())
-    return [shutdown, *out, time_limit]
+    return [shutdown, cancellations, *out, time_limit]
 
 
 __all__ = [
     "DUE_OPTION",
+    "Cancellations",
     "DaemonAsyncIO",
     "DueTime",
     "Failures",

@@ -63,11 +63,17 @@ class WorkerBoot(Middleware):
         start_watchdog = getattr(broker, "start_watchdog", None)  # the delay ladder's; one worker is elected
         if start_watchdog is not None:
             start_watchdog()
+        start_schedules = getattr(broker, "start_schedule_driver", None)  # one worker is elected to drive
+        if start_schedules is not None:
+            start_schedules(registry_of(broker))
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         stop_watchdog = getattr(broker, "stop_watchdog", None)  # a daemon thread: it never holds the exit up
         if stop_watchdog is not None:
             stop_watchdog()
+        stop_schedules = getattr(broker, "stop_schedule_driver", None)
+        if stop_schedules is not None:
+            stop_schedules()
 
 
 def describe_worker(broker: dramatiq.Broker, worker: Any) -> dict[str, Any]:

@@ -125,7 +125,9 @@ class JobflowRabbitmqBroker(RabbitmqBroker):
                 LADDER, self.topology.declare_steps, explain=self._explain_ladder, probe=self.topology.probe_step
             )
         )
-        self.retimer = LadderRetimer(self.parameters, settings.queue_prefix)
+        self.retimer = LadderRetimer(
+            self.parameters, settings.queue_prefix, republish=publisher_republish(self.publisher)
+        )
         #: Started in ``dramatiq`` workers (WorkerBoot): re-times the ladder whenever it is behind.
         self.watchdog = LadderWatchdog(
             self.parameters, settings.queue_prefix, settings.delay_queue_type, publisher_republish(self.publisher)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 import pika
@@ -50,6 +52,68 @@ class RedeliverResult:
     left: int = 0
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish again: where, what, and with which headers."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any] | None
+    priority: int | None = None
+
+
+#: Publishes a batch, each confirmed; returns which were confirmed (the others stay in the ladder).
+Republish = Callable[[Sequence[Outgoing]], list[bool]]
+
+
+def _delay_bits(key: str) -> int | None:
+    words = key.split(".", DELAY_LEVELS)[:DELAY_LEVELS]
+    if len(words) < DELAY_LEVELS or any(w not in ("0", "1") for w in words):
+        return None
+    return int("".join(words), 2)
+
+
+def _arrived_ms(headers: dict[str, Any] | None) -> int | None:
+    """When the message entered its level, to the second: the time of its latest ``x-death``."""
+    deaths = (headers or {}).get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+        return None
+    at = deaths[0].get("time")
+    return round(at.timestamp() * 1000) if isinstance(at, datetime) else None  # pika decodes it aware, UTC
+
+
+def behind_ms(level: int, key: str, headers: dict[str, Any] | None, body: bytes, now_ms: int) -> int | None:
+    """How late a message waiting in ``level`` will leave it (0 if on time), or None if it is not a
+    jobflow delayed message (no due time, no destination): such a message is never moved.
+
+    It should leave at ``due - (its delay's bits below the level)``. It is late if that moment has
+    passed, or if it entered the level (its latest ``x-death``, to the second) too late to make it.
+    """
+    due, bits = _due_ms(body), _delay_bits(key)
+    if due is None or bits is None or not _destination(key):
+        return None
+    should_leave = due - (bits & ((1 << level) - 1))
+    late = now_ms - should_leave
+    arrived = _arrived_ms(headers)
+    if arrived is not None:
+        late = max(late, arrived + (1 << level) - should_leave)  # arrival is known to be at or after this
+    return max(0, late)
+
+
+def retimed(key: str, body: bytes, headers: dict[str, Any] | None, prefix: str, priority: int | None) -> Outgoing:
+    """The message published again with the delay it has left, from now (straight to its queue if due)."""
+    destination = _destination(key)
+    kept = {k: v for k, v in (headers or {}).items() if k != "x-death"} or None  # 3.x drops a cycle it sees
+    due = _due_ms(body)
+    remaining = 0 if due is None else min(due - current_millis(), MAX_DELAY_MS)
+    if remaining <= 0:
+        return Outgoing("", destination, body, kept, priority)
+    return Outgoing(
+        delay_exchange(prefix, entry_level(remaining)), routing_key(remaining, destination), body, kept, priority
+    )
+
+
 def _due_ms(body: bytes) -> int | None:
     try:
         due = json.loads(body).get("options", {}).get(DUE_OPTION)
@@ -65,19 +129,29 @@ def _destination(key: str) -> str:
 
 
 #: Seconds after a reconnect at which the ladder is swept. After a restart RabbitMQ forwards what
-#: expired during the outage over several seconds (quorum dead-lettering retries its hops), and
-#: each such message re-enters the ladder late: later sweeps catch those.
-SWEEPS_AFTER_RECONNECT_S = (0.0, 5.0)
+#: expired during the outage over several seconds (quorum dead-lettering retries a stuck hop every
+#: ``dead_letter_worker_publisher_confirm_timeout``), and each such message re-enters the ladder
+#: late: a sweep every second for a while catches it within about a second. A sweep moves only
+#: what is behind, so the later ones cost a read of each level and little else.
+SWEEPS_AFTER_RECONNECT_S = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0)
 
 
 class LadderRetimer:
     """Re-times the ladder in a background thread each time a worker's consumer comes back after a
-    connection error (a broker restart is one): a few sweeps, at most one series at a time."""
+    connection error (a broker restart is one): a series of sweeps, at most one series at a time.
+    With ``republish`` (the broker's pipelined publisher) a sweep confirms its batch at once."""
 
-    def __init__(self, parameters: Any, prefix: str, sweeps_at_s: tuple[float, ...] = SWEEPS_AFTER_RECONNECT_S) -> None:
+    def __init__(
+        self,
+        parameters: Any,
+        prefix: str,
+        sweeps_at_s: tuple[float, ...] = SWEEPS_AFTER_RECONNECT_S,
+        republish: Republish | None = None,
+    ) -> None:
         self.parameters = parameters
         self.prefix = prefix
         self.sweeps_at_s = sweeps_at_s
+        self.republish = republish
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._redeliver_only = False
@@ -99,21 +173,22 @@ class LadderRetimer:
 
     def _run(self) -> None:
         start = time.monotonic()
-        for at in self.sweeps_at_s:
+        for at in self.sweeps_at_s if not self._redeliver_only else (0.0,):
             time.sleep(max(0.0, start + at - time.monotonic()))
             if not self._redeliver_only:
                 try:
-                    result = retime_ladder(self.parameters, self.prefix)
+                    result = retime_ladder(self.parameters, self.prefix, republish=self.republish, only_behind=True)
                 except Exception as exc:
                     logger.warning("ladder.retime_failed", error_type=type(exc).__name__, error=str(exc))
                 else:
-                    logger.info(
-                        "ladder.retimed",
-                        retimed=result.retimed,
-                        delivered=result.delivered,
-                        left=result.left,
-                        sweep_at_s=at,
-                    )
+                    if result.retimed or result.delivered:
+                        logger.info(
+                            "ladder.retimed",
+                            retimed=result.retimed,
+                            delivered=result.delivered,
+                            left=result.left,
+                            sweep_at_s=at,
+                        )
             self._redeliver(at)
 
     def _redeliver(self, at: float) -> None:
@@ -132,8 +207,12 @@ class LadderRetimer:
             )
 
 
-def retime_ladder(parameters: Any, prefix: str) -> RetimeResult:
-    """Re-time every message waiting in ``prefix``'s ladder (see the module's docstring)."""
+def retime_ladder(
+    parameters: Any, prefix: str, *, republish: Republish | None = None, only_behind: bool = False
+) -> RetimeResult:
+    """Re-time every message waiting in ``prefix``'s ladder (see the module's docstring); with
+    ``only_behind``, only those that would leave their level late (the others are left, counted).
+    ``republish`` confirms each level's batch pipelined; without it each message is confirmed alone."""
     result = RetimeResult()
     connection = pika.BlockingConnection(parameters)
     try:
@@ -148,24 +227,58 @@ def retime_ladder(parameters: Any, prefix: str) -> RetimeResult:
                 channel = connection.channel()
                 channel.confirm_delivery()
                 continue
-            # At most what the level held when we reached it, so the walk ends. What is left alone
-            # stays unacked until the level is done: requeued at once, it would come back first.
-            kept: list[int] = []
-            for _ in range(waiting):
-                method, properties, body = channel.basic_get(queue, auto_ack=False)
-                if method is None:
-                    break
-                if not _retime_one(
-                    channel, prefix, method=method, properties=properties, body=cast(bytes, body), result=result
-                ):
-                    kept.append(cast(int, method.delivery_tag))
-            for tag in kept:
-                channel.basic_nack(tag, requeue=True)
-            result.left += len(kept)
+            _retime_level(channel, prefix, level, waiting, result, republish=republish, only_behind=only_behind)
     finally:
         if connection.is_open:
             connection.close()
     return result
+
+
+def _retime_level(
+    channel: Any,
+    prefix: str,
+    level: int,
+    waiting: int,
+    result: RetimeResult,
+    *,
+    republish: Republish | None,
+    only_behind: bool,
+) -> None:
+    queue = delay_queue(prefix, level)
+    # At most what the level held when we reached it, so the walk ends. What is left alone
+    # stays unacked until the level is done: requeued at once, it would come back first.
+    kept: list[int] = []
+    batch: list[tuple[int, Outgoing]] = []
+    for _ in range(waiting):
+        method, properties, body = channel.basic_get(queue, auto_ack=False)
+        if method is None:
+            break
+        tag, body = cast(int, method.delivery_tag), cast(bytes, body)
+        if only_behind:
+            late = behind_ms(level, method.routing_key, properties.headers, body, current_millis())
+            if late is None or late <= 0:
+                kept.append(tag)
+                continue
+        if republish is not None and _due_ms(body) is not None and _destination(method.routing_key):
+            out = retimed(method.routing_key, body, properties.headers, prefix, properties.priority)
+            batch.append((tag, out))
+        elif republish is not None or not _retime_one(
+            channel, prefix, method=method, properties=properties, body=body, result=result
+        ):
+            kept.append(tag)
+    if batch and republish is not None:
+        for (tag, out), ok in zip(batch, republish([o for _t, o in batch]), strict=True):
+            if not ok:  # acknowledged only once its re-timed copy is confirmed
+                kept.append(tag)
+                continue
+            channel.basic_ack(tag)
+            if out.exchange:
+                result.retimed += 1
+            else:
+                result.delivered += 1
+    for tag in kept:
+        channel.basic_nack(tag, requeue=True)
+    result.left += len(kept)
 
 
 def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body: bytes, result: RetimeResult) -> bool:

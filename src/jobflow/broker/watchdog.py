@@ -36,9 +36,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, cast
 
 import pika
@@ -47,7 +46,7 @@ import structlog
 from dramatiq.common import current_millis
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from jobflow.broker.ladder import MAX_DELAY_MS, entry_level, routing_key
+from jobflow.broker.ladder import entry_level, routing_key
 from jobflow.broker.names import (
     DELAY_LEVELS,
     delay_exchange,
@@ -57,7 +56,14 @@ from jobflow.broker.names import (
     watchdog_queue,
 )
 from jobflow.broker.queues import QueueType
-from jobflow.broker.retimer import _destination, _due_ms, redeliver_unroutable
+from jobflow.broker.retimer import (
+    Outgoing,
+    Republish,
+    _due_ms,
+    behind_ms,
+    redeliver_unroutable,
+    retimed,
+)
 
 logger: structlog.typing.FilteringBoundLogger = structlog.get_logger("jobflow")
 
@@ -69,21 +75,6 @@ SWEEP_BATCH = 5000
 
 _TICK = b"tick"
 _CANARY_KEY = "jobflow_canary"
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One message to publish again: where, what, and with which headers."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    headers: dict[str, Any] | None
-    priority: int | None = None
-
-
-#: Publishes a batch, each confirmed; returns which were confirmed (the others stay in the ladder).
-Republish = Callable[[Sequence[Outgoing]], list[bool]]
 
 
 def publisher_republish(publisher: Any) -> Republish:
@@ -117,53 +108,6 @@ class SweepResult:
     @property
     def moved(self) -> int:
         return self.retimed + self.delivered
-
-
-def _delay_bits(key: str) -> int | None:
-    words = key.split(".", DELAY_LEVELS)[:DELAY_LEVELS]
-    if len(words) < DELAY_LEVELS or any(w not in ("0", "1") for w in words):
-        return None
-    return int("".join(words), 2)
-
-
-def _arrived_ms(headers: dict[str, Any] | None) -> int | None:
-    """When the message entered its level, to the second: the time of its latest ``x-death``."""
-    deaths = (headers or {}).get("x-death")
-    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
-        return None
-    at = deaths[0].get("time")
-    return round(at.timestamp() * 1000) if isinstance(at, datetime) else None  # pika decodes it aware, UTC
-
-
-def behind_ms(level: int, key: str, headers: dict[str, Any] | None, body: bytes, now_ms: int) -> int | None:
-    """How late a message waiting in ``level`` will leave it (0 if on time), or None if it is not a
-    jobflow delayed message (no due time, no destination): such a message is never moved.
-
-    It should leave at ``due - (its delay's bits below the level)``. It is late if that moment has
-    passed, or if it entered the level (its latest ``x-death``, to the second) too late to make it.
-    """
-    due, bits = _due_ms(body), _delay_bits(key)
-    if due is None or bits is None or not _destination(key):
-        return None
-    should_leave = due - (bits & ((1 << level) - 1))
-    late = now_ms - should_leave
-    arrived = _arrived_ms(headers)
-    if arrived is not None:
-        late = max(late, arrived + (1 << level) - should_leave)  # arrival is known to be at or after this
-    return max(0, late)
-
-
-def retimed(key: str, body: bytes, headers: dict[str, Any] | None, prefix: str, priority: int | None) -> Outgoing:
-    """The message published again with the delay it has left, from now (straight to its queue if due)."""
-    destination = _destination(key)
-    kept = {k: v for k, v in (headers or {}).items() if k != "x-death"} or None  # 3.x drops a cycle it sees
-    due = _due_ms(body)
-    remaining = 0 if due is None else min(due - current_millis(), MAX_DELAY_MS)
-    if remaining <= 0:
-        return Outgoing("", destination, body, kept, priority)
-    return Outgoing(
-        delay_exchange(prefix, entry_level(remaining)), routing_key(remaining, destination), body, kept, priority
-    )
 
 
 class _Deadline:

@@ -53,7 +53,7 @@ def main() -> None:
         broker.parameters,  # type: ignore[attr-defined]
         cancel_stream(prefix),
         cancels,
-        on_record=lambda job_id, _ms: seen.setdefault(job_id, time.perf_counter()),
+        on_record=lambda job_id, _ms: None if job_id in seen else seen.update({job_id: time.perf_counter()}),
     )
     try:
         scheduler.cancel(str(uuid.uuid4()))  # declares the stream

@@ -59,7 +59,7 @@ def one_round(url: str, seed: int, *, declared: bool) -> tuple[float, list[float
         rest: list[float] = []
         deadline = time.monotonic() + 30
         for method, _properties, body in channel.consume(queue, inactivity_timeout=1):
-            if method is not None:
+            if method is not None and body is not None:
                 arrived = current_millis()
                 message = json.loads(body)
                 late = arrived - message["options"][DUE_OPTION]
@@ -67,7 +67,7 @@ def one_round(url: str, seed: int, *, declared: bool) -> tuple[float, list[float
                     first = late
                 else:
                     rest.append(late)
-                channel.basic_ack(method.delivery_tag)
+                channel.basic_ack(int(method.delivery_tag or 0))
             if (first is not None and len(rest) == 19) or time.monotonic() > deadline:
                 break
         channel.cancel()

@@ -64,7 +64,7 @@ def raw_pika(url: str, n: int) -> Callable[[], object]:
         try:
             channel = connection.channel()
             channel.confirm_delivery()
-            args = work_queue_arguments("bench.raw", "quorum", (3, 10, 0))
+            args = work_queue_arguments("bench.raw", "quorum", (3, 10))
             channel.queue_declare("bench.raw", durable=True, arguments=args)
             properties = pika.BasicProperties(delivery_mode=2)
             body = b'{"n": 0}' * 20
@@ -98,6 +98,50 @@ def delays(n: int) -> list[timedelta]:
     return [timedelta(seconds=rng.uniform(1, 3600)) for _ in range(n)]
 
 
+#: (label, messages per second, µs of this process's CPU per message)
+Row = tuple[str, float, float]
+
+RAW_PIKA = "raw pika, one confirm at a time"
+DRAMATIQ_SEND = "Dramatiq actor.send, confirmed"
+SCHEDULE_NOW = "jobflow schedule_now"
+SCHEDULE_DELAYED = "jobflow schedule(delay=1 s-1 h)"
+MANY_NOW = "jobflow schedule_many, now"
+MANY_DELAYED = "jobflow schedule_many(delay=1 h)"
+
+
+def measure(url: str, n: int, bulk: int, rounds: int) -> dict[str, Row]:
+    """Every publisher's best of ``rounds`` on the broker at ``url`` (a vhost of the caller's)."""
+    best: dict[str, Row] = {}
+    settings = Settings(broker_url=url, queue_prefix="bench")
+    with jobflow.BrokerJobScheduler(settings=settings, registry=REGISTRY) as scheduler:
+        scheduler.schedule(Publish(n=-1), delay=timedelta(hours=1))  # connected, ladder declared
+        later = delays(max(n, bulk))
+
+        async def concurrently() -> None:
+            await asyncio.gather(*(scheduler.schedule_async(Publish(n=i)) for i in range(bulk)))
+
+        rows: list[tuple[str, int, Callable[[], object]]] = [
+            (RAW_PIKA, n, raw_pika(url, n)),
+            (DRAMATIQ_SEND, n, dramatiq_send(url, n)),
+            (SCHEDULE_NOW, n, lambda: [scheduler.schedule_now(Publish(n=i)) for i in range(n)]),
+            (SCHEDULE_DELAYED, n, lambda: [scheduler.schedule(Publish(n=i), delay=later[i]) for i in range(n)]),
+            (MANY_NOW, bulk, lambda: scheduler.schedule_many(Publish(n=i) for i in range(bulk))),
+            (
+                MANY_DELAYED,
+                bulk,
+                lambda: scheduler.schedule_many((Publish(n=i) for i in range(bulk)), delay=timedelta(hours=1)),
+            ),
+            (f"jobflow schedule_async x {bulk} tasks", bulk, lambda: asyncio.run(concurrently())),
+        ]
+        for _ in range(rounds):
+            for label, count, run in rows:
+                result = timed(label, count, run)
+                if label not in best or result[1] > best[label][1]:
+                    best[label] = result
+        scheduler.broker.delete_topology()  # type: ignore[attr-defined]
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="messages per one-at-a-time row")
@@ -105,47 +149,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     configure_logging("json", "INFO", stream=open(os.devnull, "w"))  # noqa: SIM115 (for the whole run)
-    n, bulk = args.n, args.bulk
     print(f"load before: {load_average()}")
-    best: dict[str, tuple[str, float, float]] = {}
     with temporary_vhost("bench-publish") as (_vhost, url):
-        settings = Settings(broker_url=url, queue_prefix="bench")
-        with jobflow.BrokerJobScheduler(settings=settings, registry=REGISTRY) as scheduler:
-            scheduler.schedule(Publish(n=-1), delay=timedelta(hours=1))  # connected, ladder declared
-            later = delays(max(n, bulk))
-
-            async def concurrently() -> None:
-                await asyncio.gather(*(scheduler.schedule_async(Publish(n=i)) for i in range(bulk)))
-
-            rows: list[tuple[str, int, Callable[[], object]]] = [
-                ("raw pika, one confirm at a time", n, raw_pika(url, n)),
-                ("Dramatiq actor.send, confirmed", n, dramatiq_send(url, n)),
-                ("jobflow schedule_now", n, lambda: [scheduler.schedule_now(Publish(n=i)) for i in range(n)]),
-                (
-                    "jobflow schedule(delay=1 s-1 h)",
-                    n,
-                    lambda: [scheduler.schedule(Publish(n=i), delay=later[i]) for i in range(n)],
-                ),
-                (
-                    "jobflow schedule_many, now",
-                    bulk,
-                    lambda: scheduler.schedule_many(Publish(n=i) for i in range(bulk)),
-                ),
-                (
-                    "jobflow schedule_many(delay=1 h)",
-                    bulk,
-                    lambda: scheduler.schedule_many((Publish(n=i) for i in range(bulk)), delay=timedelta(hours=1)),
-                ),
-                (f"jobflow schedule_async x {bulk} tasks", bulk, lambda: asyncio.run(concurrently())),
-            ]
-            for _ in range(args.rounds):
-                for label, count, run in rows:
-                    result = timed(label, count, run)
-                    if label not in best or result[1] > best[label][1]:
-                        best[label] = result
-            scheduler.broker.delete_topology()  # type: ignore[attr-defined]
-    raw = best["raw pika, one confirm at a time"][1]
-    sent = best["Dramatiq actor.send, confirmed"][1]
+        best = measure(url, args.n, args.bulk, args.rounds)
+    raw = best[RAW_PIKA][1]
+    sent = best[DRAMATIQ_SEND][1]
     print(f"load after: {load_average()}\n")
     print(f"| publisher (best of {args.rounds}) | msg/s | x raw pika | x Dramatiq send | CPU µs/msg |")
     print("|---|---|---|---|---|")

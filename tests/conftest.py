@@ -34,11 +34,20 @@ from jobflow.broker.names import (
     schedules_state_queue,
     schedules_status_queue,
 )
+from jobflow.log_config import reset_logging
 
 AMQP_URL = os.environ.get("JOBFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REQUIRE_RABBITMQ = os.environ.get("CI") == "true" or os.environ.get("JOBFLOW_REQUIRE_RABBITMQ") == "1"
 #: The command (with its leading arguments) that controls the broker of ``AMQP_URL``.
 RABBITMQCTL = shlex.split(os.environ.get("JOBFLOW_TEST_RABBITMQCTL", "rabbitmqctl"))
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_left_behind() -> Iterator[None]:
+    """A test that ran the command line (it configures logging at WARNING, to a captured stream)
+    leaves no set-up behind: a later test's ``capture_logs`` would miss every INFO event."""
+    yield
+    reset_logging()
 
 
 def have_rabbitmqctl() -> bool:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +26,7 @@ from jobflow.job_ids import due_ms_of, new_job_id
 
 from .faults import message_count, wait_for_consumer
 from .helpers import eventually, tracked_worker
+from .worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,48 +89,25 @@ def test_cancel_from_the_command_line(amqp_settings: Settings) -> None:
 # --- the issue's must-hold: 2,000 delayed, 1,000 cancelled, a worker restarted in between -----------
 
 
-class Worker:
-    """``dramatiq jobflow.actors tests.cluster_app`` in a process of its own."""
-
-    def __init__(self, settings: Settings, results: Path, log: Path) -> None:
-        env = {
-            **os.environ,
-            "JOBFLOW_BROKER_URL": settings.broker_url,
-            "JOBFLOW_QUEUE_PREFIX": settings.queue_prefix,
-            "JOBFLOW_LOG_FORMAT": "json",
-            "CLUSTER_RESULTS": str(results),
-            "PYTHONPATH": str(ROOT),
-        }
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dramatiq", "jobflow.actors", "tests.cluster_app", "-p", "1", "-t", "8"],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+def worker(settings: Settings, results: Path, log: Path) -> WorkerProcess:
+    env = {
+        "JOBFLOW_BROKER_URL": settings.broker_url,
+        "JOBFLOW_QUEUE_PREFIX": settings.queue_prefix,
+        "CLUSTER_RESULTS": str(results),
+    }
+    return WorkerProcess("tests.cluster_app", env, log)
 
 
 @pytest.fixture
-def workers(amqp_settings: Settings, tmp_path: Path) -> Iterator[tuple[list[Worker], Path, Path]]:
-    started: list[Worker] = []
+def workers(amqp_settings: Settings, tmp_path: Path) -> Iterator[tuple[list[WorkerProcess], Path, Path]]:
+    started: list[WorkerProcess] = []
     yield started, tmp_path / "results.jsonl", tmp_path / "workers.log"
     for worker in started:
         worker.stop()
 
 
 def test_cancelled_jobs_never_run_across_a_worker_restart(
-    amqp_settings: Settings, workers: tuple[list[Worker], Path, Path]
+    amqp_settings: Settings, workers: tuple[list[WorkerProcess], Path, Path]
 ) -> None:
     """2,000 jobs delayed 5-30 s, 1,000 of them cancelled while one of two workers is down: that
     worker, started again after the cancels, and the other, running throughout, run none of the 1,000."""
@@ -142,7 +115,7 @@ def test_cancelled_jobs_never_run_across_a_worker_restart(
 
     started, results, log = workers
     queue = jobs_queue(amqp_settings.queue_prefix)
-    started += [Worker(amqp_settings, results, log), Worker(amqp_settings, results, log)]
+    started += [worker(amqp_settings, results, log), worker(amqp_settings, results, log)]
     eventually(lambda: _consumers(amqp_settings, queue) == 2, timeout=60, what="two workers consuming")
     started[1].stop()  # one worker down while the jobs are scheduled and cancelled
     rng = random.Random(7)
@@ -158,7 +131,7 @@ def test_cancelled_jobs_never_run_across_a_worker_restart(
         scheduler.cancel_many(sorted(cancelled))
         cancel_s = time.monotonic() - t0
     assert time.time() * 1000 < first_due, "the cancels came after the first job was due: the test proves nothing"
-    started.append(Worker(amqp_settings, results, log))  # it reads the cancels from the stream's start
+    started.append(worker(amqp_settings, results, log))  # it reads the cancels from the stream's start
     wait_for_consumer(amqp_settings.broker_url, queue)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

@@ -10,14 +10,9 @@ are the issue's. Run alone: ``pytest -m cluster -s``.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -38,6 +33,7 @@ from .cluster_app import ClusterProbe
 from .conftest import REQUIRE_RABBITMQ
 from .faults import consumer_count, message_count
 from .rabbit_nodes import CLUSTER_ADVANCED, RabbitCluster, RabbitNode, missing_tools
+from .worker_process import WorkerProcess
 
 pytestmark = [
     pytest.mark.rabbitmq,
@@ -104,60 +100,16 @@ def single() -> Iterator[RabbitNode]:
 # --- workers, producers, records ---------------------------------------------------------------
 
 
-class Worker:
-    """``dramatiq jobflow.actors tests.cluster_app -p 1 -t 8`` in a process of its own."""
-
-    def __init__(self, urls: list[str], prefix: str, results: Path, log: Path) -> None:
-        env = {
-            **os.environ,
-            "JOBFLOW_BROKER_URL": ",".join(urls),
-            "JOBFLOW_QUEUE_PREFIX": prefix,
-            "JOBFLOW_LOG_FORMAT": "json",
-            "JOBFLOW_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
-            "CLUSTER_RESULTS": str(results),
-            "PYTHONPATH": str(ROOT),
-            # Dramatiq's consumers wait this long before reconnecting (3 s by default).
-            "dramatiq_restart_delay": "500",
-        }
-        self.log = log
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dramatiq", "jobflow.actors", "tests.cluster_app", "-p", "1", "-t", "8"],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        #: The master and the worker processes it forked (the ones that run jobs), once killed.
-        self.pids: set[int] = set()
-
-    def kill(self) -> None:
-        """SIGKILL the master and its worker processes at once, as the OOM killer or a lost host does."""
-        pid = self.process.pid
-        with contextlib.suppress(OSError):
-            self.pids = {pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())}
-        os.killpg(pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-
-    def log_lines(self, event: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if event in line:
-                try:
-                    out.append(json.loads(line[line.index("{") :]))
-                except ValueError:
-                    continue
-        return out
+def cluster_worker(urls: list[str], prefix: str, results: Path, log: Path) -> WorkerProcess:
+    env = {
+        "JOBFLOW_BROKER_URL": ",".join(urls),
+        "JOBFLOW_QUEUE_PREFIX": prefix,
+        "JOBFLOW_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
+        "CLUSTER_RESULTS": str(results),
+        # Dramatiq's consumers wait this long before reconnecting (3 s by default).
+        "dramatiq_restart_delay": "500",
+    }
+    return WorkerProcess("tests.cluster_app", env, log)
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -191,7 +143,7 @@ class Scenario:
     urls: list[str]
     tmp: Path
     prefix: str = field(default_factory=lambda: f"c{uuid.uuid4().hex[:8]}")
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[WorkerProcess] = field(default_factory=list)
     confirmed: dict[tuple[str, int], float] = field(default_factory=dict)  # -> due ms
     refused: int = 0
 
@@ -209,8 +161,8 @@ class Scenario:
             broker.declare_queue(scheduler.queue, ensure=True)
             broker.declare_topology(redeliver=False)
 
-    def start_worker(self, urls: list[str]) -> Worker:
-        worker = Worker(urls, self.prefix, self.results, self.tmp / f"worker-{len(self.workers) + 1}.log")
+    def start_worker(self, urls: list[str]) -> WorkerProcess:
+        worker = cluster_worker(urls, self.prefix, self.results, self.tmp / f"worker-{len(self.workers) + 1}.log")
         self.workers.append(worker)
         return worker
 
@@ -324,9 +276,9 @@ def left_in_queues(s: Scenario, url: str) -> dict[str, int]:
 def watchdog_summary(s: Scenario) -> str:
     lines = []
     for i, worker in enumerate(s.workers, 1):
-        elected = len(worker.log_lines("ladder.watchdog_elected"))
-        behind = [r.get("reason") for r in worker.log_lines('"ladder.behind"')]
-        moved = sum(int(r.get("retimed", 0)) + int(r.get("delivered", 0)) for r in worker.log_lines('"ladder.retimed"'))
+        elected = len(worker.events("ladder.watchdog_elected"))
+        behind = [r.get("reason") for r in worker.events("ladder.behind")]
+        moved = sum(int(r.get("retimed", 0)) + int(r.get("delivered", 0)) for r in worker.events("ladder.retimed"))
         lines.append(f"worker {i}: elected {elected}x, behind {len(behind)}x {behind[:4]}, re-timed {moved}")
     return "\n".join(lines)
 

@@ -7,14 +7,18 @@ publishers, SIGKILL of the node. Every call must end within ``publish_timeout`` 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
+import pika
 import pytest
 
 import jobflow
 from jobflow import Settings
+from jobflow.broker.names import DELAY_LEVELS, delay_queue
+from jobflow.broker.retimer import retime_ladder
 
 from .conftest import REQUIRE_RABBITMQ
 from .faults import message_count
@@ -147,3 +151,32 @@ def test_schedule_many_names_every_unconfirmed_job(node: RabbitNode, scheduler: 
     finally:
         node.unblock_publishers()
     recovers(scheduler)
+
+
+def test_retime_keeps_its_deadline_on_a_frozen_node(node: RabbitNode, scheduler: jobflow.BrokerJobScheduler) -> None:
+    """The re-timer's own RPCs (``basic_get``, confirms) end at ``rpc_timeout_s`` when the node stops
+    answering mid-walk; what it held goes back to the ladder, none lost."""
+    prefix = scheduler.settings.queue_prefix
+    jobs = 3000
+    scheduler.schedule_many((Probe(n=i) for i in range(jobs)), delay=timedelta(hours=1))
+    levels = [delay_queue(prefix, level) for level in range(DELAY_LEVELS)]
+    freezer = threading.Timer(0.3, node.freeze)
+    start = time.monotonic()
+    freezer.start()
+    try:
+        with pytest.raises(Exception, match="no answer to") as info:
+            retime_ladder(pika.URLParameters(node.url), prefix, rpc_timeout_s=1.0)
+        elapsed = time.monotonic() - start
+    finally:
+        freezer.join()
+        node.thaw()
+    print(f"re-timing failed after {elapsed:.2f} s: {info.value!r}")
+    assert elapsed <= 0.3 + 1.0 + 1.5, f"took {elapsed:.2f} s"
+    waiting = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the held messages return once RabbitMQ sees the socket gone
+        waiting = sum(message_count(node.url, queue) for queue in levels)
+        if waiting >= jobs:
+            break
+        time.sleep(0.5)
+    assert waiting >= jobs, f"{jobs - waiting} of {jobs} delayed jobs missing from the ladder"

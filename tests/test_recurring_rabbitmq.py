@@ -8,13 +8,8 @@ a while: with ``missed="once"`` the latest missed occurrence runs once when a wo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -34,58 +29,26 @@ from jobflow.cli import main
 from jobflow.cli.schedules import read_state as cli_read_state
 
 from .helpers import eventually
+from .worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULE = "probe-every-second"
 
 
-class Worker:
-    """``dramatiq jobflow.actors tests.recurring_app -p 1`` with a log of its own."""
+class Worker(WorkerProcess):
+    """``dramatiq jobflow.actors tests.recurring_app -p 1 -t 4``, driving two-second-ahead schedules."""
 
     def __init__(self, settings: Settings, results: Path, log: Path) -> None:
-        self.log = log
         env = {
-            **os.environ,
             "JOBFLOW_BROKER_URL": settings.broker_url,
             "JOBFLOW_QUEUE_PREFIX": settings.queue_prefix,
-            "JOBFLOW_LOG_FORMAT": "json",
             "JOBFLOW_SCHEDULE_AHEAD": "2",
             "RECURRING_RESULTS": str(results),
-            "PYTHONPATH": str(ROOT),
         }
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dramatiq", "jobflow.actors", "tests.recurring_app", "-p", "1", "-t", "4"],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if f'"{name}"' in line:
-                with contextlib.suppress(ValueError):
-                    found.append(json.loads(line))
-        return found
+        super().__init__("tests.recurring_app", env, log, threads=4)
 
     def drives(self) -> bool:
         return len(self.events("schedules.driving")) > len(self.events("schedules.resigned"))
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
 
 @pytest.fixture

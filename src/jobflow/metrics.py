@@ -120,6 +120,37 @@ def instruments() -> Instruments:
         return _instruments
 
 
+@dataclass(frozen=True)
+class Attempts:
+    """The children of one label set that every attempt touches, looked up once per label set:
+    prometheus_client's ``labels()`` validates and locks on each call, five times per job."""
+
+    started: Counter
+    succeeded: Counter
+    in_progress: Gauge
+    duration: Histogram
+    lateness: Histogram
+
+
+_attempts: dict[Labels, Attempts] = {}
+
+
+def attempts(labels: Labels) -> Attempts:
+    """The per-attempt series of ``labels`` (one entry per label set, as prometheus_client keeps)."""
+    found = _attempts.get(labels)
+    if found is None:
+        series = instruments()
+        found = Attempts(
+            started=series.started.labels(*labels),
+            succeeded=series.succeeded.labels(*labels),
+            in_progress=series.in_progress.labels(*labels),
+            duration=series.duration.labels(*labels),
+            lateness=series.lateness.labels(*labels),
+        )
+        _attempts[labels] = found  # a race makes the same children twice: labels() returns the same ones
+    return found
+
+
 def made() -> bool:
     """Whether this process has made its series (multiprocess mode must be chosen before)."""
     return _instruments is not None

@@ -27,8 +27,8 @@ import structlog
 from dramatiq.common import current_millis
 from pika.adapters.blocking_connection import BlockingChannel
 
+from jobflow.broker.deadline import RpcDeadline
 from jobflow.broker.publisher import Step
-from jobflow.broker.watchdog import _Deadline
 from jobflow.cancel import CancelSet, decode_record
 from jobflow.log_config import get_logger
 
@@ -121,7 +121,7 @@ class CancelReader:
         connection = pika.BlockingConnection(self.parameters)
         try:
             channel = connection.channel()
-            with _Deadline(connection, self.rpc_timeout_s)(f"the declaration of {self.stream}"):
+            with RpcDeadline(connection, self.rpc_timeout_s)(f"the declaration of {self.stream}"):
                 channel.queue_declare(self.stream, durable=True, arguments=stream_arguments())
             channel.basic_qos(prefetch_count=1000)  # a stream consumer needs a prefetch, and acks
             offset: int | str = "first" if self._next_offset is None else self._next_offset

@@ -24,6 +24,7 @@ import pika.exceptions
 import structlog
 from dramatiq.common import current_millis
 
+from jobflow.broker.deadline import RpcDeadline
 from jobflow.broker.ladder import MAX_DELAY_MS, entry_level, routing_key
 from jobflow.broker.names import DELAY_LEVELS, delay_exchange, delay_queue, delivery_exchange, unroutable_queue
 from jobflow.log_config import get_logger
@@ -128,6 +129,9 @@ def _destination(key: str) -> str:
     return parts[DELAY_LEVELS] if len(parts) > DELAY_LEVELS else ""
 
 
+#: Seconds an RPC of the re-timer's own connection may wait for its answer before it is torn down.
+RPC_TIMEOUT_S = 10.0
+
 #: Seconds after a reconnect at which the ladder is swept. After a restart RabbitMQ forwards what
 #: expired during the outage over several seconds (quorum dead-lettering retries a stuck hop every
 #: ``dead_letter_worker_publisher_confirm_timeout``), and each such message re-enters the ladder
@@ -147,11 +151,13 @@ class LadderRetimer:
         prefix: str,
         sweeps_at_s: tuple[float, ...] = SWEEPS_AFTER_RECONNECT_S,
         republish: Republish | None = None,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
     ) -> None:
         self.parameters = parameters
         self.prefix = prefix
         self.sweeps_at_s = sweeps_at_s
         self.republish = republish
+        self.rpc_timeout_s = rpc_timeout_s
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._redeliver_only = False
@@ -177,7 +183,13 @@ class LadderRetimer:
             time.sleep(max(0.0, start + at - time.monotonic()))
             if not self._redeliver_only:
                 try:
-                    result = retime_ladder(self.parameters, self.prefix, republish=self.republish, only_behind=True)
+                    result = retime_ladder(
+                        self.parameters,
+                        self.prefix,
+                        republish=self.republish,
+                        only_behind=True,
+                        rpc_timeout_s=self.rpc_timeout_s,
+                    )
                 except Exception as exc:
                     logger.warning("ladder.retime_failed", error_type=type(exc).__name__, error=str(exc))
                 else:
@@ -193,7 +205,7 @@ class LadderRetimer:
 
     def _redeliver(self, at: float) -> None:
         try:
-            result = redeliver_unroutable(self.parameters, self.prefix)
+            result = redeliver_unroutable(self.parameters, self.prefix, rpc_timeout_s=self.rpc_timeout_s)
         except Exception as exc:
             logger.warning("unroutable.redeliver_failed", error_type=type(exc).__name__, error=str(exc))
             return
@@ -208,30 +220,45 @@ class LadderRetimer:
 
 
 def retime_ladder(
-    parameters: Any, prefix: str, *, republish: Republish | None = None, only_behind: bool = False
+    parameters: Any,
+    prefix: str,
+    *,
+    republish: Republish | None = None,
+    only_behind: bool = False,
+    rpc_timeout_s: float = RPC_TIMEOUT_S,
 ) -> RetimeResult:
     """Re-time every message waiting in ``prefix``'s ladder (see the module's docstring); with
     ``only_behind``, only those that would leave their level late (the others are left, counted).
-    ``republish`` confirms each level's batch pipelined; without it each message is confirmed alone."""
+    ``republish`` confirms each level's batch pipelined; without it each message is confirmed alone.
+    Each RPC of its own connection is bounded by ``rpc_timeout_s`` (``AMQPConnectionError`` then)."""
     result = RetimeResult()
     connection = pika.BlockingConnection(parameters)
+    deadline = RpcDeadline(connection, rpc_timeout_s)
     try:
-        channel = connection.channel()
-        channel.confirm_delivery()
+        channel = _confirmed_channel(connection, deadline)
         # Upwards: a message re-timed lands in a level at or below its own, one already done.
         for level in range(DELAY_LEVELS):
             queue = delay_queue(prefix, level)
             try:
-                waiting = channel.queue_declare(queue, passive=True).method.message_count or 0
+                with deadline(f"a passive declare of {queue}"):
+                    waiting = channel.queue_declare(queue, passive=True).method.message_count or 0
             except pika.exceptions.ChannelClosedByBroker:
-                channel = connection.channel()
-                channel.confirm_delivery()
+                channel = _confirmed_channel(connection, deadline)
                 continue
-            _retime_level(channel, prefix, level, waiting, result, republish=republish, only_behind=only_behind)
+            _retime_level(
+                channel, prefix, level, waiting, result, republish=republish, only_behind=only_behind, deadline=deadline
+            )
     finally:
         if connection.is_open:
             connection.close()
     return result
+
+
+def _confirmed_channel(connection: Any, deadline: RpcDeadline) -> Any:
+    with deadline("opening a channel"):
+        channel = connection.channel()
+        channel.confirm_delivery()
+    return channel
 
 
 def _retime_level(
@@ -243,6 +270,7 @@ def _retime_level(
     *,
     republish: Republish | None,
     only_behind: bool,
+    deadline: RpcDeadline,
 ) -> None:
     queue = delay_queue(prefix, level)
     # At most what the level held when we reached it, so the walk ends. What is left alone
@@ -250,7 +278,8 @@ def _retime_level(
     kept: list[int] = []
     batch: list[tuple[int, Outgoing]] = []
     for _ in range(waiting):
-        method, properties, body = channel.basic_get(queue, auto_ack=False)
+        with deadline(f"a basic.get from {queue}"):
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
         if method is None:
             break
         tag, body = cast(int, method.delivery_tag), cast(bytes, body)
@@ -262,20 +291,30 @@ def _retime_level(
         if republish is not None and _due_ms(body) is not None and _destination(method.routing_key):
             out = retimed(method.routing_key, body, properties.headers, prefix, properties.priority)
             batch.append((tag, out))
-        elif republish is not None or not _retime_one(
-            channel, prefix, method=method, properties=properties, body=body, result=result
-        ):
+        elif republish is not None:
             kept.append(tag)
-    if batch and republish is not None:
-        for (tag, out), ok in zip(batch, republish([o for _t, o in batch]), strict=True):
-            if not ok:  # acknowledged only once its re-timed copy is confirmed
-                kept.append(tag)
-                continue
-            channel.basic_ack(tag)
-            if out.exchange:
-                result.retimed += 1
-            else:
-                result.delivered += 1
+        else:
+            with deadline(f"a confirm of a message re-timed from {queue}"):
+                if not _retime_one(channel, prefix, method=method, properties=properties, body=body, result=result):
+                    kept.append(tag)
+    confirmed = republish([o for _t, o in batch]) if batch and republish is not None else []
+    with deadline(f"the acknowledgements of {queue}"):
+        _settle(channel, batch, confirmed, kept, result)
+
+
+def _settle(
+    channel: Any, batch: list[tuple[int, Outgoing]], confirmed: list[bool], kept: list[int], result: RetimeResult
+) -> None:
+    """Acknowledge what was re-timed and confirmed; return the rest (what was kept, or not confirmed)."""
+    for (tag, out), ok in zip(batch, confirmed, strict=True):
+        if not ok:  # acknowledged only once its re-timed copy is confirmed
+            kept.append(tag)
+            continue
+        channel.basic_ack(tag)
+        if out.exchange:
+            result.retimed += 1
+        else:
+            result.delivered += 1
     for tag in kept:
         channel.basic_nack(tag, requeue=True)
     result.left += len(kept)
@@ -300,20 +339,24 @@ def _retime_one(channel: Any, prefix: str, *, method: Any, properties: Any, body
     return True
 
 
-def redeliver_unroutable(parameters: Any, prefix: str, *, connection: Any | None = None) -> RedeliverResult:
+def redeliver_unroutable(
+    parameters: Any, prefix: str, *, connection: Any | None = None, rpc_timeout_s: float = RPC_TIMEOUT_S
+) -> RedeliverResult:
     """Deliver what waits in ``<prefix>.delay.unroutable`` to its queue, where that queue exists now.
 
     A delayed message lands there when the ladder delivers it while its queue (or the queue's
     binding) is missing: after a broker restart, before the bindings are back, or before any worker
     declared a new queue. Published to its queue by name (so a missing binding no longer matters),
     confirmed, then acknowledged; one not yet due goes back into the ladder with the delay it has left.
-    ``connection``: an open one to use (the ladder's watchdog, which bounds its calls), else its own.
+    ``connection``: an open one to use (the ladder's watchdog, which bounds its calls), else its own,
+    the whole redelivery bounded by ``rpc_timeout_s`` (it moves what the queue held when reached).
     """
     if connection is not None:
         return _redeliver_on(connection, prefix)
     connection = pika.BlockingConnection(parameters)
     try:
-        return _redeliver_on(connection, prefix)
+        with RpcDeadline(connection, rpc_timeout_s)(f"the redelivery of {unroutable_queue(prefix)}"):
+            return _redeliver_on(connection, prefix)
     finally:
         if connection.is_open:
             connection.close()

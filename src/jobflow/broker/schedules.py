@@ -33,8 +33,8 @@ import structlog
 from dramatiq.common import current_millis, q_name
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from jobflow.broker.deadline import RpcDeadline
 from jobflow.broker.names import schedules_queue, schedules_state_queue, schedules_status_queue
-from jobflow.broker.watchdog import _Deadline
 from jobflow.errors import JobflowError
 from jobflow.job_ids import occurrence_job_id
 from jobflow.log_config import get_logger
@@ -246,7 +246,7 @@ class ScheduleDriver:
 
     def _session(self) -> None:
         connection = pika.BlockingConnection(self.broker.parameters)
-        deadline = _Deadline(connection, self.rpc_timeout_s)
+        deadline = RpcDeadline(connection, self.rpc_timeout_s)
         try:
             with deadline("the schedules' channels and queues"):
                 plain = connection.channel()

@@ -36,7 +36,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -46,6 +46,7 @@ import structlog
 from dramatiq.common import current_millis
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from jobflow.broker.deadline import RpcDeadline
 from jobflow.broker.ladder import entry_level, routing_key
 from jobflow.broker.names import (
     DELAY_LEVELS,
@@ -108,31 +109,6 @@ class SweepResult:
     @property
     def moved(self) -> int:
         return self.retimed + self.delivered
-
-
-class _Deadline:
-    """Tears the connection down if an RPC is not answered in time (pika's blocking RPCs have no
-    timeout of their own; its I/O loop runs timers while it waits, so this fires inside the wait)."""
-
-    def __init__(self, connection: BlockingConnection, seconds: float) -> None:
-        self.connection = connection
-        self.seconds = seconds
-
-    @contextlib.contextmanager
-    def __call__(self, what: str) -> Iterator[None]:
-        impl: Any = self.connection._impl  # type: ignore[attr-defined]
-        expired = []
-
-        def expire() -> None:
-            expired.append(True)
-            impl._terminate_stream(pika.exceptions.AMQPConnectionError(f"no answer to {what} in {self.seconds} s"))
-
-        timer = impl.ioloop.call_later(self.seconds, expire)
-        try:
-            yield
-        finally:
-            if not expired:
-                impl.ioloop.remove_timeout(timer)
 
 
 @dataclass
@@ -220,7 +196,7 @@ class LadderWatchdog:
 
     def _session(self) -> None:
         connection = pika.BlockingConnection(self.parameters)
-        deadline = _Deadline(connection, self.rpc_timeout_s)
+        deadline = RpcDeadline(connection, self.rpc_timeout_s)
         try:
             channel = connection.channel()
             with deadline("the watchdog queue's declaration"):
@@ -325,7 +301,9 @@ class LadderWatchdog:
         except pika.exceptions.ChannelClosedByBroker:
             return 0, connection.channel()  # no such level (a ladder being declared): nothing waits there
 
-    def _sweep(self, connection: BlockingConnection, channel: BlockingChannel, deadline: _Deadline) -> BlockingChannel:
+    def _sweep(
+        self, connection: BlockingConnection, channel: BlockingChannel, deadline: RpcDeadline
+    ) -> BlockingChannel:
         """One sweep of every level, lowest first; then what waits in ``delay.unroutable``."""
         result = SweepResult()
         for level in range(DELAY_LEVELS):

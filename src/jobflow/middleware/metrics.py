@@ -31,7 +31,7 @@ from dramatiq.common import current_millis
 from dramatiq.middleware import CurrentMessage, Middleware
 
 from jobflow import metrics_server
-from jobflow.metrics import Labels, instruments, labels_of
+from jobflow.metrics import Labels, attempts, instruments, labels_of
 from jobflow.middleware.due_time import DUE_OPTION
 from jobflow.settings import Settings
 
@@ -128,12 +128,12 @@ class Metrics(Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         labels = labels_of(message)
-        series = instruments()
-        series.started.labels(*labels).inc()
-        series.in_progress.labels(*labels).inc()
+        series = attempts(labels)
+        series.started.inc()
+        series.in_progress.inc()
         due = message.options.get(DUE_OPTION)
         if isinstance(due, int) and not isinstance(due, bool):
-            series.lateness.labels(*labels).observe(max(0, current_millis() - due) / 1000)
+            series.lateness.observe(max(0, current_millis() - due) / 1000)
         run = _Run(message.message_id, labels, perf_counter())
         self._local.run = run
         setattr(message, _RUN_ATTRIBUTE, run)
@@ -144,10 +144,10 @@ class Metrics(Middleware):
         run = self._finish(message)
         if run is None:
             return
-        series = instruments()
-        series.duration.labels(*run.labels).observe(perf_counter() - run.t0)
+        series = attempts(run.labels)
+        series.duration.observe(perf_counter() - run.t0)
         if exception is None:
-            series.succeeded.labels(*run.labels).inc()
+            series.succeeded.inc()
         else:
             run.failed = True
 
@@ -159,7 +159,7 @@ class Metrics(Middleware):
         if run is None or run.finished:
             return None
         run.finished = True
-        instruments().in_progress.labels(*run.labels).dec()
+        attempts(run.labels).in_progress.dec()
         return run
 
     def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
